@@ -1,0 +1,45 @@
+"""MAD: maximal action difference. PGD maximises the victim's own divergence between its action
+distribution at the true and at the perturbed observation (SA-PPO's policy-aware attack).
+
+Gaussian heads: ``‖Σ^{-1/2}(μ(ŝ) - μ(s))‖²``; categorical: ``KL(π(s) ‖ π(ŝ))``. The gradient of
+either is zero at ŝ = s, so PGD starts from a random point of the ball.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.attacks.base import AttackContext
+from compressor.attacks.pgd import pgd
+
+
+class MADAttack:
+    """PGD on the policy's own divergence: ``steps`` steps of ``ε / steps`` (10 of ε/10)."""
+
+    name = "mad"
+
+    def __init__(self, ctx: AttackContext, steps: int = 10) -> None:
+        self.threat = ctx.threat
+        self.policy = ctx.policy
+        self.steps = steps
+        self._scale = ctx.threat.scale(ctx.policy)
+        self._gen = ctx.generator()
+
+    def perturb(self, obs: torch.Tensor) -> torch.Tensor:
+        """:param obs: true raw observations (batch, dim)."""
+        with torch.no_grad():
+            clean = self.policy(obs)
+
+        def objective(x: torch.Tensor) -> torch.Tensor:
+            return self.policy.divergence(clean, self.policy(x))
+
+        return pgd(
+            objective,
+            obs,
+            self._scale,
+            self.threat.eps,
+            norm=self.threat.norm,
+            steps=self.steps,
+            random_start=True,
+            generator=self._gen,
+        )

@@ -1,0 +1,428 @@
+"""The ``compress`` command line. Results go to stdout (``--json``: one JSON document),
+progress bars and notes to stderr. Exit codes: 0 ok, 2 usage, 3 bad input, 4 budget not met.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compressor.errors import EXIT_BUDGET_NOT_MET, CompressorError
+
+app = typer.Typer(
+    name="compress",
+    help="Compress a trained RL policy into a smaller ONNX model that is no less robust.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+PANEL_MAIN = "Main job"
+PANEL_STAGES = "Single stages"
+PANEL_POLICIES = "Policies"
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+EpsOpt = Annotated[
+    float | None, typer.Option("--eps", help="Attack radius ε (default: the profile's).")
+]
+NormOpt = Annotated[str | None, typer.Option("--norm", help="Ball norm: inf or 2.")]
+SpaceOpt = Annotated[
+    str | None, typer.Option("--space", help="ε units: normalized (default) or raw.")
+]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", help="Profile name or TOML file (default: by env).")
+]
+EnvOpt = Annotated[str | None, typer.Option("--env", help="Gymnasium env id (overrides).")]
+
+
+def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    elif table is not None:
+        out.print(table)
+    else:
+        out.print_json(json.dumps(data, default=str))
+
+
+def resolve_source(src: str) -> Path:
+    """A policy path, or the name of a shipped profile whose reference policy is used."""
+    p = Path(src)
+    if p.exists():
+        return p
+    from compressor.config import list_shipped, load_profile, profile_policy_path
+
+    if src in list_shipped("profiles"):
+        ref = profile_policy_path(load_profile(src))
+        if ref is not None and ref.is_file():
+            return ref
+    raise CompressorError(f"{src}: file not found (nor a shipped profile with a policy)")
+
+
+def _load(src: str, env: str | None = None, vecnormalize: str | None = None) -> Any:
+    from compressor.loading import load_policy
+
+    loaded = load_policy(resolve_source(src), env_id=env, vecnormalize=vecnormalize)
+    for w in loaded.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+    return loaded
+
+
+def _settings(
+    loaded: Any,
+    profile: str | None,
+    env: str | None,
+    eps: float | None,
+    norm: str | None,
+    space: str | None,
+) -> tuple[Any, Any]:
+    """(profile, threat) for a single-stage command: explicit options override the profile."""
+    from compressor.config import Profile, load_profile, profile_for_env
+    from compressor.threat import ThreatModel
+
+    env_id = env or loaded.policy.spec.env_id
+    prof = load_profile(profile) if profile else (profile_for_env(env_id) if env_id else None)
+    prof = prof or Profile()
+    prof.env.id = env or prof.env.id or env_id
+    if not prof.env.id:
+        raise CompressorError("the policy names no environment: pass --env")
+    if eps is None and prof.name == "default":
+        err.print(f"[yellow]no profile for {prof.env.id}: using ε = {prof.threat.eps}[/yellow]")
+    threat = ThreatModel(
+        eps if eps is not None else prof.threat.eps,
+        norm or prof.threat.norm,
+        space or prof.threat.space,
+    )
+    return prof, threat
+
+
+def _setup_torch() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# ---- main job ---------------------------------------------------------------------------------
+@app.command(rich_help_panel=PANEL_MAIN)
+def run(
+    src: Annotated[str, typer.Argument(help="Policy file (.pt, SB3 .zip, CleanRL) or profile name.")],
+    budget: Annotated[float, typer.Option(help="Fraction of the return scale that may be lost.")] = 0.05,
+    profile: ProfileOpt = None,
+    target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder that receives the run.")] = Path("runs"),
+    name: Annotated[str | None, typer.Option(help="Run name (default: the policy's stem).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure, prune, fine-tune, certify and export: the whole compression job."""
+    from compressor.config import load_target
+    from compressor.pipeline import run_pipeline
+    from compressor.progress import Reporter
+
+    path = resolve_source(src)
+    tgt = load_target(target)
+    result = run_pipeline(
+        path,
+        budget=budget,
+        profile=profile,
+        target=tgt,
+        out_root=out_dir,
+        name=name or (src if not Path(src).exists() else None),
+        command=["compress", *sys.argv[1:]],
+        reporter=Reporter(enabled=True),
+    )
+    r = result.report
+    if as_json:
+        _emit({"run_dir": str(result.run_dir), **r}, True)
+    else:
+        v = r["verdict"]
+        colour = "green" if v["passed"] else "red"
+        out.print(f"[bold {colour}]{'PASS' if v['passed'] else 'FAIL'}[/]: {v['summary']}")
+        out.print(f"run directory: {result.run_dir}")
+        out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s")
+    if not result.passed:
+        raise typer.Exit(EXIT_BUDGET_NOT_MET)
+
+
+# ---- single stages ----------------------------------------------------------------------------
+@app.command(rich_help_panel=PANEL_STAGES)
+def evaluate(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    episodes: Annotated[int, typer.Option(help="Episodes (seeds seed..seed+N-1).")] = 10,
+    seed: Annotated[int, typer.Option(help="First episode seed.")] = 0,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clean return with deterministic actions: mean, std and 95% bootstrap CI."""
+    from compressor.evaluate import evaluate as run_eval
+
+    _setup_torch()
+    if episodes < 1:
+        raise CompressorError("--episodes must be at least 1")
+    loaded = _load(src, env)
+    env_id = env or loaded.policy.spec.env_id
+    if not env_id:
+        raise CompressorError("the policy names no environment: pass --env")
+    res, _ = run_eval(loaded.policy.eval(), env_id, loaded.policy.spec.env_kwargs,
+                      list(range(seed, seed + episodes)))
+    s = res.stats
+    t = Table("env", "episodes", "mean", "std", "95% CI")
+    t.add_row(env_id, str(s.n), f"{s.mean:.1f}", f"{s.std:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}")
+    _emit({"env_id": env_id, **res.to_dict()}, as_json, t)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def attack(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    attack_name: Annotated[str, typer.Option("--attack", help="Attack name, or 'all'.")] = "all",
+    eps: EpsOpt = None,
+    norm: NormOpt = None,
+    space: SpaceOpt = None,
+    episodes: Annotated[int, typer.Option(help="Episodes.")] = 10,
+    seed: Annotated[int, typer.Option(help="First episode seed.")] = 0,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Return under observation attacks (policy-aware, in the ε-ball), with the TV reached."""
+    from compressor.attacks import ATTACKS
+    from compressor.evaluate import evaluate_suite
+    from compressor.progress import Reporter
+
+    _setup_torch()
+    if episodes < 1:
+        raise CompressorError("--episodes must be at least 1")
+    loaded = _load(src, env)
+    prof, threat = _settings(loaded, profile, env, eps, norm, space)
+    names = list(ATTACKS) if attack_name == "all" else [attack_name]
+    for n in names:
+        if n not in ATTACKS:
+            raise CompressorError(f"unknown attack {n!r}; available: {', '.join(ATTACKS)}, all")
+    rep = Reporter()
+    with rep.stage("attacks", total=len(names) + 1) as upd:
+        count = [0]
+
+        def bump(_: str) -> None:
+            upd(count[0])
+            count[0] += 1
+
+        suite = evaluate_suite(
+            loaded.policy.eval(), prof.env.id, dict(prof.env.kwargs or loaded.policy.spec.env_kwargs),
+            list(range(seed, seed + episodes)), names, threat, on_stage=bump,
+        )
+    t = Table("attack", "mean return", "95% CI", "mean TV reached")
+    for r in [suite.clean, *suite.attacks.values()]:
+        s = r.stats
+        tv = "—" if r.mean_tv is None else f"{r.mean_tv:.3f}"
+        t.add_row(r.attack, f"{s.mean:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}", tv)
+    data = {"env_id": prof.env.id, "threat": vars(threat), **suite.to_dict()}
+    _emit(data, as_json, t)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def certify(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    eps: EpsOpt = None,
+    norm: NormOpt = None,
+    space: SpaceOpt = None,
+    tau: Annotated[float, typer.Option(help="TV threshold of the certified radius.")] = 0.1,
+    states: Annotated[int, typer.Option(help="Visited states for the empirical (PGD) TV; 0: none.")] = 0,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Certified robustness: the global absolute-product bound (and PGD's empirical TV)."""
+    from compressor.certify import certify_global, empirical_tv
+    from compressor.evaluate import evaluate as run_eval
+
+    _setup_torch()
+    loaded = _load(src, env)
+    pol = loaded.policy.eval()
+    prof, threat = _settings(loaded, profile, env, eps, norm, space)
+    cert = certify_global(pol, threat, tau)
+    data: dict[str, Any] = {"env_id": prof.env.id, "global": cert.to_dict()}
+    t = Table("quantity", "value")
+    t.add_row("threat", f"ℓ{'∞' if threat.norm == 'inf' else '2'}, ε = {threat.eps} ({threat.space})")
+    t.add_row(f"certified {cert.shift_name} per unit ε", f"{cert.lipschitz:.4g}")
+    t.add_row("certified shift at ε", f"{cert.shift_bound:.4g}")
+    t.add_row("certified TV at ε", "n/a" if cert.tv_bound is None else f"{cert.tv_bound:.4f}")
+    t.add_row(f"certified radius ε*(τ={tau})", f"{cert.certified_radius}")
+    for k, v in cert.comparison.items():
+        t.add_row(f"{k} ({'monotone' if v['monotone'] else 'NOT monotone'})", f"{v['value']:.4g}")
+    if states > 0:
+        import numpy as np
+
+        env_id = prof.env.id
+        eps_needed = max(1, min(20, states // 200))
+        _, roll = run_eval(pol, env_id, dict(prof.env.kwargs or pol.spec.env_kwargs),
+                           list(range(20_000, 20_000 + eps_needed)), record_states=True)
+        assert roll.states is not None
+        idx = np.random.default_rng(0).permutation(len(roll.states))[:states]
+        tv = np.asarray(empirical_tv(pol, roll.states[idx], threat))
+        data["empirical"] = {
+            "states": int(len(idx)),
+            "tv_mean": float(tv.mean()),
+            "tv_median": float(np.median(tv)),
+            "tv_max": float(tv.max()),
+        }
+        t.add_row(f"empirical TV (PGD) over {len(idx)} visited states: mean / max",
+                  f"{tv.mean():.4f} / {tv.max():.4f}")
+    _emit(data, as_json, t)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def prune(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of weights to remove, in [0, 1).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
+    method: Annotated[str, typer.Option(help="magnitude or random.")] = "magnitude",
+    scope: Annotated[str, typer.Option(help="global or layer.")] = "global",
+    finetune: Annotated[bool, typer.Option(help="Distil from the dense policy afterwards.")] = True,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune (masks kept through fine-tuning) and save the pruned policy."""
+    from compressor.evaluate import evaluate as run_eval
+    from compressor.finetune import FinetuneConfig, distill
+    from compressor.loading import save_loaded
+    from compressor.prune import prune as do_prune
+
+    _setup_torch()
+    loaded = _load(src, env)
+    dense = loaded.policy.eval()
+    pruned = do_prune(dense, sparsity, method, scope)
+    info: dict[str, Any] = {"sparsity": pruned.sparsity(), "output": str(output)}
+    if finetune:
+        prof, threat = _settings(loaded, profile, env, None, None, None)
+        f = prof.finetune
+        _, roll = run_eval(dense, prof.env.id, dict(prof.env.kwargs or dense.spec.env_kwargs),
+                           list(range(f.state_seed, f.state_seed + f.state_episodes)),
+                           record_states=True)
+        assert roll.states is not None
+        cfg = FinetuneConfig(f.steps, f.batch_size, f.lr, f.perturbed_fraction, f.preserve_certificate)
+        info["finetune"] = distill(pruned, dense, roll.states, threat, cfg, seed=f.state_seed).to_dict()
+    loaded.policy = pruned
+    save_loaded(loaded, output)
+    _emit(info, as_json, None if as_json else None)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def export(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
+    target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one ONNX graph (normalise, clip, MLP, deterministic action, action clip)."""
+    import dataclasses
+
+    from compressor.config import load_target
+    from compressor.export import export_onnx
+
+    loaded = _load(src)
+    tgt = load_target(target)
+    res = export_onnx(
+        loaded.policy.eval(), output, metadata={"target": tgt.name}, opset=tgt.opset
+    )
+    _emit({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(res).items()},
+          as_json, None)
+
+
+# ---- policies ---------------------------------------------------------------------------------
+@app.command(rich_help_panel=PANEL_POLICIES)
+def inspect(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what was found in a policy file: kind, layers, activation, normalisation, env."""
+    from compressor.loading import describe
+
+    d = describe(_load(src, env))
+    t = Table("field", "value", show_header=False)
+    for k, v in d.items():
+        t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    _emit(d, as_json, t)
+
+
+@app.command(name="import", rich_help_panel=PANEL_POLICIES)
+def import_(
+    src: Annotated[str, typer.Argument(help="SB3 zip, CleanRL model, or state dict + spec.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
+    vecnormalize: Annotated[str | None, typer.Option(help="vecnormalize.pkl / stats file.")] = None,
+    env: EnvOpt = None,
+) -> None:
+    """Convert a policy to the native format (loads with torch.load(weights_only=True))."""
+    from compressor.loading import save_loaded
+
+    loaded = _load(src, env, vecnormalize)
+    save_loaded(loaded, output)
+    out.print(f"wrote {output} ({loaded.format} → native)")
+
+
+@app.command(rich_help_panel=PANEL_POLICIES)
+def train(
+    env_id: Annotated[str, typer.Argument(help="Gymnasium env id, e.g. Hopper-v5.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
+    steps: Annotated[int, typer.Option(help="Total env steps.")] = 1_000_000,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 1,
+    hidden: Annotated[str, typer.Option(help="Hidden widths, comma-separated.")] = "64,64",
+    activation: Annotated[str, typer.Option(help="tanh, relu or elu.")] = "tanh",
+    num_envs: Annotated[int, typer.Option(help="Parallel envs.")] = 8,
+    num_steps: Annotated[int, typer.Option(help="Steps per env per update.")] = 256,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-4,
+    minibatches: Annotated[int, typer.Option(help="Minibatches per epoch.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Epochs per update.")] = 10,
+    ent_coef: Annotated[float, typer.Option(help="Entropy bonus.")] = 0.0,
+    norm_reward: Annotated[bool, typer.Option(help="Scale rewards by return std.")] = True,
+    eval_episodes: Annotated[int, typer.Option(help="Deterministic evaluation episodes.")] = 10,
+) -> None:
+    """Train a dense reference policy with PPO (Gaussian or categorical, by action space)."""
+    from compressor.evaluate import evaluate as run_eval
+    from compressor.progress import Reporter
+    from compressor.train import PPOConfig, check_config, save_trained, train_ppo
+
+    _setup_torch()
+    try:
+        widths = [int(h) for h in hidden.split(",") if h.strip()]
+    except ValueError:
+        raise CompressorError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+    cfg = PPOConfig(
+        env_id=env_id, total_steps=steps, seed=seed, hidden=widths, activation=activation,
+        num_envs=num_envs, num_steps=num_steps, lr=lr, minibatches=minibatches, epochs=epochs,
+        ent_coef=ent_coef, norm_reward=norm_reward, eval_episodes=eval_episodes,
+    )
+    check_config(cfg)
+    rep = Reporter()
+    with rep.stage("train", total=steps) as upd:
+        pol, critic, stats = train_ppo(cfg, lambda s, _r: upd(s))
+    res, _ = run_eval(pol, env_id, {}, list(range(cfg.eval_seed, cfg.eval_seed + eval_episodes)))
+    stats["eval"] = res.to_dict()["return"]
+    stats["command"] = ["compress", *sys.argv[1:]]
+    save_trained(pol, critic, cfg, stats, output)
+    out.print(f"wrote {output}: deterministic return {res.stats.mean:.1f} over {eval_episodes} "
+              f"episodes (seeds {cfg.eval_seed}–{cfg.eval_seed + eval_episodes - 1})")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and a distinct exit code."""
+    try:
+        app()
+    except CompressorError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

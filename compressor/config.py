@@ -1,0 +1,251 @@
+"""Task profiles and deployment targets: TOML files read into typed dataclasses.
+
+Unknown or misspelt keys are errors that name the key and what was expected, so a typo can
+never silently fall back to a default. Shipped profiles and targets are found by name; a
+user's own file is used when a path is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from compressor.errors import CompressorError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class EnvSection:
+    id: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ThreatSection:
+    eps: float = 0.05
+    norm: str = "inf"
+    space: str = "normalized"
+
+
+@dataclass
+class EvaluationSection:
+    episodes: int = 10
+    seed: int = 0
+    num_envs: int = 16
+
+
+@dataclass
+class AttacksSection:
+    screen: list[str] = field(default_factory=lambda: ["random", "mad"])
+    final: list[str] = field(default_factory=lambda: ["random", "mad"])
+    seed: int = 0
+
+
+@dataclass
+class CertificateSection:
+    tau: float = 0.1
+    norms: list[str] = field(default_factory=lambda: ["inf", "2"])
+
+
+@dataclass
+class PruneSection:
+    method: str = "magnitude"
+    scope: str = "global"
+
+
+@dataclass
+class FinetuneSection:
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    perturbed_fraction: float = 0.5
+    preserve_certificate: bool = True
+    state_episodes: int = 20
+    state_seed: int = 10_000
+
+
+@dataclass
+class SearchSection:
+    grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
+    refine: int = 2
+    max_tv: float | None = None
+
+
+@dataclass
+class Profile:
+    """A task profile: environment, threat model, evaluation, attacks and search settings."""
+
+    name: str = "default"
+    description: str = ""
+    policy: str = ""
+    env: EnvSection = field(default_factory=EnvSection)
+    threat: ThreatSection = field(default_factory=ThreatSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    attacks: AttacksSection = field(default_factory=AttacksSection)
+    certificate: CertificateSection = field(default_factory=CertificateSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    path: str = ""
+
+    def seeds(self) -> list[int]:
+        """The evaluation episode seeds (shared by every candidate)."""
+        return list(range(self.evaluation.seed, self.evaluation.seed + self.evaluation.episodes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved profile as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Target:
+    """A deployment target: runtime providers, opset, precision, threads, latency budget."""
+
+    name: str = "cpu-x86"
+    description: str = ""
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    opset: int = 17
+    precision: str = "fp32"
+    threads: int = 1
+    batch_size: int = 1
+    latency_budget_ms: float | None = None
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved target as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise CompressorError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "path"]  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise CompressorError(
+                f"{where}: unknown key {key!r}; expected one of: {', '.join(names)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where} [{key}]")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _check_type(value, hint, f"{where}: key {key!r}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    text = str(hint)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif "float | None" in text:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif text.startswith("list[float]"):
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
+        value = [float(v) for v in value] if ok else value
+    elif text.startswith("list[str]"):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif text.startswith("dict"):
+        ok = isinstance(value, dict)
+    else:  # pragma: no cover - every field type is listed above
+        ok = True
+    if not ok:
+        raise CompressorError(f"{where} has the wrong type ({value!r}); expected {text}")
+    return value
+
+
+def data_dir(kind: str) -> Path:
+    """The folder of shipped ``profiles`` or ``targets`` (installed copy or source checkout)."""
+    installed = Path(__file__).resolve().parent / "_data" / kind
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[1] / kind
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise CompressorError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CompressorError(f"{path}: invalid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CompressorError(f"{path}: cannot read ({exc})") from None
+
+
+def _resolve(kind: str, name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists() or "/" in name_or_path:
+        if not p.is_file():
+            raise CompressorError(f"{kind[:-1]} file {p} not found")
+        return p
+    shipped = data_dir(kind) / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        names = ", ".join(list_shipped(kind)) or "none"
+        raise CompressorError(f"unknown {kind[:-1]} {name_or_path!r}; shipped: {names}")
+    return shipped
+
+
+def list_shipped(kind: str) -> list[str]:
+    """Names of the shipped ``profiles`` or ``targets``."""
+    return sorted(p.stem for p in data_dir(kind).glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load a shipped profile by name (``hopper``) or a user's TOML file by path."""
+    path = _resolve("profiles", name_or_path)
+    prof = _build(Profile, _read_toml(path), str(path))
+    prof.path = str(path)
+    if prof.evaluation.episodes < 1:
+        raise CompressorError(f"{path}: evaluation.episodes must be at least 1")
+    if not prof.search.grid or any(not 0 <= s < 1 for s in prof.search.grid):
+        raise CompressorError(f"{path}: search.grid must list sparsities in [0, 1)")
+    return prof
+
+
+def profile_for_env(env_id: str) -> Profile | None:
+    """The shipped profile whose environment is ``env_id`` (same name, any version), if any."""
+    family = env_id.split("-v")[0]
+    for name in list_shipped("profiles"):
+        prof = load_profile(name)
+        if prof.env.id == env_id or prof.env.id.split("-v")[0] == family:
+            return prof
+    return None
+
+
+def profile_policy_path(profile: Profile) -> Path | None:
+    """The reference dense policy a profile ships with, resolved beside the profile file."""
+    if not profile.policy:
+        return None
+    return Path(profile.path).parent / profile.policy
+
+
+def load_target(name_or_path: str) -> Target:
+    """Load a shipped target by name (``cpu-x86``) or a user's TOML file by path."""
+    path = _resolve("targets", name_or_path)
+    tgt = _build(Target, _read_toml(path), str(path))
+    tgt.path = str(path)
+    if not 7 <= tgt.opset <= 21:
+        raise CompressorError(f"{path}: opset {tgt.opset} is outside the supported 7..21")
+    return tgt

@@ -1,0 +1,196 @@
+"""Clean and attacked evaluation of a policy on explicit episode seeds.
+
+Every candidate of a search is evaluated here, on the same seeds (common random numbers), and
+the robust return is the *minimum* mean return over the attack suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from compressor.attacks import AttackContext, make_attack
+from compressor.policy import Policy
+from compressor.rollout import Actor, RolloutResult, rollout
+from compressor.stats import ReturnStats, summarize_returns
+from compressor.threat import ThreatModel
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: return statistics under one condition (clean or one attack).
+
+    :param attack: ``"clean"`` or the attack's name.
+    :param stats: return statistics over the episodes.
+    :param mean_tv: mean TV between the policy's distribution at the true and at the attacked
+        observation over all visited states (None for clean runs).
+    :param steps: env steps. :param wall_s: seconds.
+    """
+
+    attack: str
+    stats: ReturnStats
+    mean_tv: float | None
+    steps: int
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "attack": self.attack,
+            "return": self.stats.to_dict(),
+            "mean_tv": self.mean_tv,
+            "steps": self.steps,
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+@dataclass
+class SuiteResult:
+    """Clean evaluation plus one evaluation per attack, on the same seeds.
+
+    :param clean: the unattacked evaluation.
+    :param attacks: per-attack evaluations, by name.
+    :param threat: the threat model used.
+    """
+
+    clean: EvalResult
+    attacks: dict[str, EvalResult] = field(default_factory=dict)
+    threat: ThreatModel | None = None
+
+    @property
+    def robust_return(self) -> float:
+        """Minimum mean return over the attacks (the clean return if there are none)."""
+        if not self.attacks:
+            return self.clean.stats.mean
+        return min(r.stats.mean for r in self.attacks.values())
+
+    @property
+    def strongest_attack(self) -> str | None:
+        """Name of the attack that reached the lowest return."""
+        if not self.attacks:
+            return None
+        return min(self.attacks, key=lambda k: self.attacks[k].stats.mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "clean": self.clean.to_dict(),
+            "attacks": {k: v.to_dict() for k, v in self.attacks.items()},
+            "robust_return": self.robust_return,
+            "strongest_attack": self.strongest_attack,
+        }
+
+
+class _TVMeter:
+    """Wraps an attack to record the TV it causes at every visited state."""
+
+    def __init__(self, policy: Policy, perturb: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.policy, self.perturb = policy, perturb
+        self.tv_sum, self.count = 0.0, 0
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        adv = self.perturb(obs)
+        with torch.no_grad():
+            tv = self.policy.total_variation(self.policy(obs), self.policy(adv))
+        self.tv_sum += float(tv.sum())
+        self.count += tv.numel()
+        return adv
+
+
+def evaluate(
+    policy: Actor,
+    env_id: str,
+    env_kwargs: dict,
+    seeds: list[int],
+    *,
+    num_envs: int = 16,
+    record_states: bool = False,
+    on_episode: Callable[[int], None] | None = None,
+) -> tuple[EvalResult, RolloutResult]:
+    """Clean evaluation with deterministic actions.
+
+    :param policy: the policy (or any :class:`~compressor.rollout.Actor`).
+    :param env_id: gymnasium id. :param env_kwargs: kwargs for ``gymnasium.make``.
+    :param seeds: one reset seed per episode.
+    :param num_envs: parallel sub-envs.
+    :param record_states: also return the visited states.
+    :param on_episode: progress callback (finished episode count).
+    """
+    res = rollout(
+        policy, env_id, env_kwargs, seeds, num_envs=num_envs, record_states=record_states,
+        on_episode=on_episode,
+    )
+    stats = summarize_returns(res.returns)
+    return EvalResult("clean", stats, None, res.steps, res.wall_s), res
+
+
+def evaluate_attack(
+    policy: Policy,
+    env_id: str,
+    env_kwargs: dict,
+    seeds: list[int],
+    attack_name: str,
+    threat: ThreatModel,
+    *,
+    attack_seed: int = 0,
+    num_envs: int = 16,
+    on_episode: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Evaluation under one attack (deterministic actions, true dynamics and rewards).
+
+    :param attack_name: a name from :data:`compressor.attacks.ATTACKS`.
+    :param threat: ε, norm and space of the attack.
+    :param attack_seed: seed of the attack's own randomness.
+    """
+    attack = make_attack(attack_name, AttackContext(policy, threat, attack_seed))
+    meter = _TVMeter(policy, attack.perturb)
+    res = rollout(
+        policy, env_id, env_kwargs, seeds, num_envs=num_envs, perturb=meter, on_episode=on_episode
+    )
+    tv = meter.tv_sum / max(meter.count, 1)
+    return EvalResult(attack_name, summarize_returns(res.returns), tv, res.steps, res.wall_s)
+
+
+def evaluate_suite(
+    policy: Policy,
+    env_id: str,
+    env_kwargs: dict,
+    seeds: list[int],
+    attacks: list[str],
+    threat: ThreatModel,
+    *,
+    attack_seed: int = 0,
+    num_envs: int = 16,
+    clean: EvalResult | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> SuiteResult:
+    """Clean evaluation plus every attack of the suite, all on the same seeds.
+
+    :param clean: a clean evaluation already made on these seeds (reused, not recomputed).
+    :param on_stage: called with the name of each evaluation as it starts.
+    """
+    if clean is None:
+        if on_stage:
+            on_stage("clean")
+        clean, _ = evaluate(policy, env_id, env_kwargs, seeds, num_envs=num_envs)
+    out = SuiteResult(clean=clean, threat=threat)
+    for name in attacks:
+        if on_stage:
+            on_stage(name)
+        out.attacks[name] = evaluate_attack(
+            policy, env_id, env_kwargs, seeds, name, threat, attack_seed=attack_seed,
+            num_envs=num_envs,
+        )
+    return out
+
+
+def random_action_return(env_id: str, env_kwargs: dict, seeds: list[int], num_envs: int = 16) -> float:
+    """Mean return of uniformly random actions on ``seeds`` (the budget's scale floor)."""
+    from compressor.rollout import RandomActor
+
+    res = rollout(RandomActor(env_id, env_kwargs, seed=0), env_id, env_kwargs, seeds, num_envs=num_envs)
+    return float(np.mean(res.returns))

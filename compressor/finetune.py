@@ -1,0 +1,108 @@
+"""Fine-tuning a pruned policy with its masks fixed: distillation from the dense policy.
+
+Needs no reward: the student matches the teacher's action distribution on states the teacher
+visited, and on those states perturbed inside the ε-ball (so it also learns the teacher's
+behaviour around them). Masks stay applied because the policy always computes with ``W ⊙ M``.
+
+``preserve_certificate`` projects every weight back into ``|w| ≤ |w_dense|`` after each step:
+the absolute-product certificate is monotone in ``|W|``, so the fine-tuned policy's global
+certificate can never be looser than the dense one's (design.md, "Certificates").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from compressor.policy import Policy
+from compressor.threat import ThreatModel, sample_ball
+
+
+@dataclass
+class FinetuneConfig:
+    """:param steps: optimiser steps. :param batch_size: states per step. :param lr: Adam
+    learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
+    :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step."""
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    perturbed_fraction: float = 0.5
+    preserve_certificate: bool = True
+
+
+@dataclass
+class FinetuneStats:
+    """:param loss_start: distillation loss before. :param loss_end: after. :param steps:
+    optimiser steps. :param wall_s: seconds."""
+
+    loss_start: float
+    loss_end: float
+    steps: int
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def distill(
+    student: Policy,
+    teacher: Policy,
+    states: np.ndarray,
+    threat: ThreatModel | None,
+    cfg: FinetuneConfig,
+    seed: int = 0,
+) -> FinetuneStats:
+    """Fine-tune ``student`` in place towards ``teacher`` on ``states`` (raw observations).
+
+    :param student: the pruned policy (its masks are kept).
+    :param teacher: the dense policy (unchanged).
+    :param states: raw observations visited by the teacher, shape (n, obs_dim).
+    :param threat: the ε-ball used to perturb part of each batch (None: no perturbation).
+    :param cfg: the settings.
+    :param seed: seed of batch sampling and perturbations.
+    """
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.as_tensor(states, dtype=torch.float32)
+    scale = threat.scale(teacher) if threat is not None else None
+    bounds = [w.detach().abs().clone() for w in teacher.effective_weights()]
+    # only the trunk is trained: log_std (Σ) stays the dense one, as the certificate assumes
+    params = [p for layer in student.layers for p in layer.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+
+    def batch() -> torch.Tensor:
+        x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)]
+        if threat is not None and cfg.perturbed_fraction > 0:
+            k = int(cfg.batch_size * cfg.perturbed_fraction)
+            noise = sample_ball((k, x.shape[1]), threat.eps, threat.norm, g) * scale
+            x = torch.cat([x[: cfg.batch_size - k], x[cfg.batch_size - k :] + noise])
+        return x
+
+    def loss_on(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(x)
+        return student.divergence(target, student(x)).mean()
+
+    with torch.no_grad():
+        probe = x_all[torch.randint(0, len(x_all), (min(4096, len(x_all)),), generator=g)]
+        loss_start = float(loss_on(probe))
+    student.train()
+    for _ in range(cfg.steps):
+        loss = loss_on(batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if cfg.preserve_certificate:
+            with torch.no_grad():
+                for layer, b in zip(student.layers, bounds):
+                    layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, b), -b))
+    student.eval()
+    with torch.no_grad():
+        loss_end = float(loss_on(probe))
+    return FinetuneStats(loss_start, loss_end, cfg.steps, time.perf_counter() - t0)

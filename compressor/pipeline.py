@@ -1,0 +1,285 @@
+"""``compress run``: load → evaluate and certify dense → search (prune, fine-tune, evaluate,
+certify, budget check per candidate) → export the chosen policy → report.
+
+Each stage passes plain dataclasses to the next; the run directory receives the resolved
+config, a journal of finished candidates, the chosen ``policy.pt`` and ``policy.onnx``, and the
+report. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor import atomic
+from compressor.certify import GlobalCertificate, certify_global
+from compressor.config import Profile, Target, load_profile, profile_for_env
+from compressor.envs import check_policy_fits_env
+from compressor.errors import CompressorError
+from compressor.evaluate import SuiteResult, evaluate, evaluate_suite, random_action_return
+from compressor.export import export_onnx
+from compressor.finetune import FinetuneConfig, distill
+from compressor.loading import LoadedPolicy, load_policy
+from compressor.policy import Policy, save_policy
+from compressor.progress import Reporter
+from compressor.prune import prune
+from compressor.report import build_report, write_report
+from compressor.search import Budget, Candidate, SearchResult, search_sparsity
+from compressor.threat import ThreatModel
+
+
+@dataclass
+class RunResult:
+    """What ``compress run`` produced.
+
+    :param run_dir: the run directory. :param report: the report dict (``report.json``).
+    :param passed: whether a sparsity met the budget.
+    """
+
+    run_dir: Path
+    report: dict[str, Any]
+    passed: bool
+
+
+def resolve_profile(loaded: LoadedPolicy, profile: str | None, reporter: Reporter) -> Profile:
+    """The profile given by name/path, else the shipped one for the policy's env, else defaults."""
+    if profile:
+        prof = load_profile(profile)
+    else:
+        found = profile_for_env(loaded.policy.spec.env_id) if loaded.policy.spec.env_id else None
+        if found is None:
+            reporter.info(
+                "[yellow]no shipped profile for this env: using default settings "
+                f"(ε = {Profile().threat.eps}); pass --profile to choose[/yellow]"
+            )
+            prof = Profile(name="default")
+        else:
+            prof = found
+    if not prof.env.id:
+        prof.env.id = loaded.policy.spec.env_id
+    if not prof.env.id:
+        raise CompressorError("the policy names no environment: pass a --profile with [env] id")
+    return prof
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """``root/name``, or ``root/name-2``, ``-3``… if it already holds a run."""
+    path, i = root / name, 1
+    while path.exists() and any(path.iterdir()):
+        i += 1
+        path = root / f"{name}-{i}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _env_kwargs(prof: Profile, policy: Policy) -> dict[str, Any]:
+    return dict(prof.env.kwargs or policy.spec.env_kwargs)
+
+
+def run_pipeline(
+    src: str | Path,
+    *,
+    budget: float = 0.05,
+    profile: str | None = None,
+    target: Target | None = None,
+    out_root: str | Path = "runs",
+    name: str | None = None,
+    command: list[str] | None = None,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    """Compress ``src`` within ``budget`` and write the run directory.
+
+    :param src: a policy file (native, SB3 zip, CleanRL…).
+    :param budget: fraction of the return scale a candidate may lose, in (0, 1).
+    :param profile: profile name or TOML path (default: the shipped one for the policy's env).
+    :param target: deployment target (opset, providers); default ``cpu-x86`` settings.
+    :param out_root: folder that receives ``<name>/``.
+    :param name: run name (default: the policy file's stem).
+    :param command: the command line, recorded in the report.
+    :param reporter: progress display and stage timer.
+    """
+    if not 0.0 < budget < 1.0:
+        raise CompressorError(f"--budget must be in (0, 1), got {budget}")
+    rep = reporter or Reporter(enabled=False)
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)  # tiny MLPs: threads only add overhead and oversubscribe cores
+    loaded = load_policy(src)
+    for w in loaded.warnings:
+        rep.info(f"[yellow]warning:[/yellow] {w}")
+    dense = loaded.policy.eval()
+    prof = resolve_profile(loaded, profile, rep)
+    tgt = target or Target()
+    env_id, env_kwargs = prof.env.id, _env_kwargs(prof, dense)
+    check_policy_fits_env(
+        dense.spec.obs_dim, dense.spec.act_dim, dense.spec.head == "categorical", env_id, env_kwargs
+    )
+    threat = ThreatModel(prof.threat.eps, prof.threat.norm, prof.threat.space)
+    seeds = prof.seeds()
+    n_envs = prof.evaluation.num_envs
+    run_dir = new_run_dir(Path(out_root), name or Path(src).stem)
+    atomic.write_json(
+        run_dir / "config.json",
+        {"source": str(src), "budget": budget, "profile": prof.to_dict(), "target": tgt.to_dict()},
+    )
+
+    # ---- dense: evaluate (clean + every attack of the suite) and certify ---------------------
+    attacks_all = list(dict.fromkeys(prof.attacks.screen + prof.attacks.final))
+    with rep.stage("evaluate dense", total=len(attacks_all) + 2) as upd:
+        done = [0]
+
+        def bump(_: str) -> None:
+            upd(done[0])
+            done[0] += 1
+
+        dense_suite = evaluate_suite(
+            dense, env_id, env_kwargs, seeds, attacks_all, threat,
+            attack_seed=prof.attacks.seed, num_envs=n_envs, on_stage=bump,
+        )
+        rand_ret = random_action_return(env_id, env_kwargs, seeds, n_envs)
+    with rep.stage("certify dense"):
+        dense_certs = certify_all(dense, threat, prof)
+    dense_cert = dense_certs[threat.norm]
+    screen_dense = _subset(dense_suite, prof.attacks.screen)
+    rule = Budget(
+        budget=budget,
+        dense_clean=dense_suite.clean.stats.mean,
+        dense_robust=screen_dense.robust_return,
+        random_return=rand_ret,
+        dense_lipschitz=dense_cert.lipschitz,
+        max_tv=prof.search.max_tv,
+    )
+
+    # ---- states for distillation: the dense policy's own rollouts, on separate seeds --------
+    with rep.stage("collect states", total=prof.finetune.state_episodes) as upd:
+        state_seeds = list(
+            range(prof.finetune.state_seed, prof.finetune.state_seed + prof.finetune.state_episodes)
+        )
+        _, states_res = evaluate(
+            dense, env_id, env_kwargs, state_seeds, num_envs=n_envs, record_states=True,
+            on_episode=upd,
+        )
+    states = states_res.states
+    assert states is not None
+    ft_cfg = FinetuneConfig(
+        steps=prof.finetune.steps,
+        batch_size=prof.finetune.batch_size,
+        lr=prof.finetune.lr,
+        perturbed_fraction=prof.finetune.perturbed_fraction,
+        preserve_certificate=prof.finetune.preserve_certificate,
+    )
+    journal = run_dir / "journal.jsonl"
+
+    def evaluate_at(sparsity: float) -> Candidate:
+        t0 = time.perf_counter()
+        with rep.stage(f"search: sparsity {sparsity:.3f}", total=len(prof.attacks.screen) + 2) as u:
+            cand = prune(dense, sparsity, prof.prune.method, prof.prune.scope, seed=prof.attacks.seed)
+            u(0)
+            ft = distill(cand, dense, states, threat, ft_cfg, seed=prof.finetune.state_seed)
+            u(1)
+            cnt = [1]
+
+            def step(_: str) -> None:
+                cnt[0] += 1
+                u(cnt[0])
+
+            suite = evaluate_suite(
+                cand, env_id, env_kwargs, seeds, prof.attacks.screen, threat,
+                attack_seed=prof.attacks.seed, num_envs=n_envs, on_stage=step,
+            )
+            cert = certify_global(cand, threat, prof.certificate.tau)
+        c = Candidate(
+            target_sparsity=sparsity,
+            sparsity=cand.sparsity(),
+            suite=suite,
+            certificate=cert,
+            finetune=ft,
+            params_nonzero=cand.num_parameters(nonzero_only=True),
+            reasons=rule.check(suite, cert),
+            wall_s=time.perf_counter() - t0,
+            policy=cand,
+        )
+        with open(journal, "a") as fh:  # one finished candidate per line
+            fh.write(json.dumps(c.to_dict()) + "\n")
+        verdict = "[green]pass[/green]" if c.passed else f"[red]fail[/red]: {'; '.join(c.reasons)}"
+        rep.info(
+            f"  sparsity {c.sparsity:.3f}: clean {suite.clean.stats.mean:.1f}, robust "
+            f"{suite.robust_return:.1f}, Lipschitz {cert.lipschitz:.4g} → {verdict}"
+        )
+        return c
+
+    t_search = time.perf_counter()
+    result: SearchResult = search_sparsity(evaluate_at, prof.search.grid, prof.search.refine, rule)
+    rep.timings["search"] = time.perf_counter() - t_search
+
+    # ---- chosen: the rest of the attack suite, certificates, export --------------------------
+    chosen = result.chosen
+    chosen_block: dict[str, Any] | None = None
+    if chosen is not None and chosen.policy is not None:
+        pol = chosen.policy
+        extra = [a for a in prof.attacks.final if a not in prof.attacks.screen]
+        with rep.stage("evaluate chosen (final attacks)", total=max(len(extra), 1)):
+            final_suite = evaluate_suite(
+                pol, env_id, env_kwargs, seeds, extra, threat, attack_seed=prof.attacks.seed,
+                num_envs=n_envs, clean=chosen.suite.clean,
+            )
+            final_suite.attacks = {**chosen.suite.attacks, **final_suite.attacks}
+        with rep.stage("certify chosen"):
+            chosen_certs = certify_all(pol, threat, prof)
+        with rep.stage("export"):
+            pol.spec.source = {**dense.spec.source, "compressed_from": loaded.sha256 or ""}
+            save_policy(pol, run_dir / "policy.pt")
+            meta = {
+                "eps": str(threat.eps),
+                "eps_space": threat.space,
+                "norm": threat.norm,
+                "budget": str(budget),
+                "sparsity": f"{chosen.sparsity:.6f}",
+                "certificate": json.dumps(chosen_certs[threat.norm].to_dict()),
+                "source_sha256": loaded.sha256 or "",
+                "profile": prof.name,
+            }
+            exported = export_onnx(pol, run_dir / "policy.onnx", metadata=meta, opset=tgt.opset)
+        chosen_block = {
+            "policy": pol,
+            "suite": final_suite,
+            "certificates": chosen_certs,
+            "candidate": chosen,
+            "export": exported,
+        }
+    rep.timings["total"] = time.perf_counter() - t_start
+    report = build_report(
+        loaded=loaded,
+        profile=prof,
+        target=tgt,
+        threat=threat,
+        rule=rule,
+        dense_suite=dense_suite,
+        dense_certs=dense_certs,
+        search=result,
+        chosen=chosen_block,
+        timings=rep.timings,
+        command=command or [],
+        run_dir=run_dir,
+    )
+    with rep.stage("report"):
+        write_report(report, run_dir)
+    return RunResult(run_dir, report, chosen is not None)
+
+
+def certify_all(policy: Policy, threat: ThreatModel, prof: Profile) -> dict[str, GlobalCertificate]:
+    """Global certificates for the run's norm and every norm the profile lists, same ε/space."""
+    norms = list(dict.fromkeys([threat.norm, *prof.certificate.norms]))
+    return {
+        n: certify_global(policy, ThreatModel(threat.eps, n, threat.space), prof.certificate.tau)
+        for n in norms
+    }
+
+
+def _subset(suite: SuiteResult, names: list[str]) -> SuiteResult:
+    """The same suite restricted to ``names`` (the screening attacks)."""
+    return SuiteResult(suite.clean, {k: v for k, v in suite.attacks.items() if k in names}, suite.threat)

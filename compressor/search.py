@@ -1,0 +1,180 @@
+"""The budget rule and the search for the highest sparsity that satisfies it.
+
+A candidate passes when (design.md, "Threat model and budget"), with
+``scale = J_clean(dense) - J_clean(uniform random actions)``:
+``J_clean(c) ≥ J_clean(dense) - b·scale``, ``J_robust(c) ≥ J_robust(dense) - b·scale``
+(``J_robust`` = minimum over the attack suite) and its certificate is no looser than the dense
+one (its certified Lipschitz bound is not larger), plus an optional absolute TV ceiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from compressor.certify import GlobalCertificate
+from compressor.evaluate import SuiteResult
+from compressor.finetune import FinetuneStats
+from compressor.policy import Policy
+
+#: relative slack for comparing certificates computed in floating point
+CERT_RTOL = 1e-9
+
+
+@dataclass
+class Budget:
+    """The acceptance rule, fixed by the dense policy's measurements.
+
+    :param budget: the fraction ``b`` of the return scale a candidate may lose.
+    :param dense_clean: dense clean return. :param dense_robust: dense robust return.
+    :param random_return: return of uniformly random actions (the scale's floor).
+    :param dense_lipschitz: the dense certificate's Lipschitz bound.
+    :param max_tv: optional absolute ceiling on the certified TV at ε.
+    """
+
+    budget: float
+    dense_clean: float
+    dense_robust: float
+    random_return: float
+    dense_lipschitz: float
+    max_tv: float | None = None
+
+    @property
+    def scale(self) -> float:
+        """``J_clean(dense) - J_clean(random)``; floored at a tiny positive value."""
+        return max(self.dense_clean - self.random_return, 1e-9)
+
+    @property
+    def clean_floor(self) -> float:
+        """Lowest clean return a candidate may have."""
+        return self.dense_clean - self.budget * self.scale
+
+    @property
+    def robust_floor(self) -> float:
+        """Lowest robust return a candidate may have."""
+        return self.dense_robust - self.budget * self.scale
+
+    def check(self, suite: SuiteResult, cert: GlobalCertificate) -> list[str]:
+        """Reasons the candidate fails (empty: it passes)."""
+        reasons = []
+        if suite.clean.stats.mean < self.clean_floor:
+            reasons.append(
+                f"clean return {suite.clean.stats.mean:.1f} < floor {self.clean_floor:.1f}"
+            )
+        if suite.robust_return < self.robust_floor:
+            reasons.append(
+                f"robust return {suite.robust_return:.1f} ({suite.strongest_attack}) "
+                f"< floor {self.robust_floor:.1f}"
+            )
+        if cert.lipschitz > self.dense_lipschitz * (1 + CERT_RTOL):
+            reasons.append(
+                f"certificate looser than dense (Lipschitz {cert.lipschitz:.4g} > "
+                f"{self.dense_lipschitz:.4g})"
+            )
+        if self.max_tv is not None and cert.tv_bound is not None and cert.tv_bound > self.max_tv:
+            reasons.append(f"certified TV {cert.tv_bound:.4g} > max_tv {self.max_tv}")
+        return reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict including the derived floors."""
+        return {
+            "budget": self.budget,
+            "scale": self.scale,
+            "random_return": self.random_return,
+            "dense_clean": self.dense_clean,
+            "dense_robust": self.dense_robust,
+            "clean_floor": self.clean_floor,
+            "robust_floor": self.robust_floor,
+            "dense_lipschitz": self.dense_lipschitz,
+            "max_tv": self.max_tv,
+        }
+
+
+@dataclass
+class Candidate:
+    """One evaluated sparsity level (pruned, fine-tuned, evaluated, certified).
+
+    :param target_sparsity: the level asked for. :param sparsity: the level reached.
+    :param suite: clean and attacked evaluation on the shared seeds.
+    :param certificate: the global certificate under the run's threat model.
+    :param finetune: fine-tuning statistics. :param params_nonzero: non-zero parameters.
+    :param reasons: why it fails the budget (empty: it passes). :param wall_s: seconds.
+    :param policy: the candidate policy itself (not serialised).
+    """
+
+    target_sparsity: float
+    sparsity: float
+    suite: SuiteResult
+    certificate: GlobalCertificate
+    finetune: FinetuneStats | None
+    params_nonzero: int
+    reasons: list[str]
+    wall_s: float
+    policy: Policy | None = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        """Whether the candidate meets the budget."""
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the policy)."""
+        return {
+            "target_sparsity": self.target_sparsity,
+            "sparsity": self.sparsity,
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "evaluation": self.suite.to_dict(),
+            "certificate": self.certificate.to_dict(),
+            "finetune": self.finetune.to_dict() if self.finetune else None,
+            "params_nonzero": self.params_nonzero,
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+@dataclass
+class SearchResult:
+    """All evaluated candidates (ascending sparsity) and the chosen one, if any."""
+
+    candidates: list[Candidate]
+    chosen: Candidate | None
+
+
+def search_sparsity(
+    evaluate_at: Callable[[float], Candidate],
+    grid: list[float],
+    refine: int,
+    budget: Budget,
+    decisive_fraction: float = 0.5,
+) -> SearchResult:
+    """Evaluate a coarse grid, then bisect between the last passing and first failing level.
+
+    :param evaluate_at: prunes, fine-tunes, evaluates and certifies one sparsity level.
+    :param grid: coarse sparsity levels (evaluated in ascending order).
+    :param refine: number of bisection steps after the grid.
+    :param budget: the acceptance rule (used for the early stop).
+    :param decisive_fraction: stop the coarse grid once a level loses more than this fraction
+        of the return scale in clean return: higher sparsities will not recover.
+    """
+    seen: dict[float, Candidate] = {}
+    for s in sorted(set(grid)):
+        c = evaluate_at(s)
+        seen[s] = c
+        lost = budget.dense_clean - c.suite.clean.stats.mean
+        if not c.passed and lost > decisive_fraction * budget.scale:
+            break
+    for _ in range(refine):
+        passing = [s for s, c in seen.items() if c.passed]
+        lo = max(passing, default=0.0)
+        failing_above = [s for s, c in seen.items() if s > lo and not c.passed]
+        if not failing_above:
+            break
+        hi = min(failing_above)
+        mid = round((lo + hi) / 2, 4)
+        if hi - lo < 0.02 or mid in seen:
+            break
+        seen[mid] = evaluate_at(mid)
+    ordered = [seen[s] for s in sorted(seen)]
+    chosen = max((c for c in ordered if c.passed), key=lambda c: c.sparsity, default=None)
+    return SearchResult(ordered, chosen)

@@ -1,0 +1,180 @@
+"""The restricted unpickler: real vecnormalize stats load, hostile pickles are refused unrun."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.errors import CompressorError
+from compressor.importers import load_norm_stats
+from compressor.importers.safe_pickle import load_vecnormalize, referenced_globals, safe_loads
+
+
+class _WriteFile:
+    """Unpickling this calls ``exec`` with code that creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (builtins.exec, (f"open({str(self.path)!r}, 'w').write('pwned')",))
+
+
+class _Shell:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_payload_is_live_under_plain_pickle(tmp_path: Path) -> None:
+    # Control: proves the payload used below really writes a file when a normal unpickler runs it.
+    target = tmp_path / "control"
+    pickle.loads(pickle.dumps(_WriteFile(target)))
+    assert target.exists()
+
+
+def test_hostile_pickle_refused_and_not_run(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    with pytest.raises(CompressorError, match=r"refused to load builtins\.exec from evil\.pkl"):
+        safe_loads(pickle.dumps({"x": _WriteFile(target)}), "evil.pkl")
+    assert not target.exists()
+
+
+def test_every_refused_global_is_named(tmp_path: Path) -> None:
+    data = pickle.dumps([_WriteFile(tmp_path / "a"), _Shell(tmp_path / "b")])
+    with pytest.raises(CompressorError) as info:
+        safe_loads(data, "evil.pkl")
+    msg = str(info.value)
+    assert "builtins.exec" in msg and f"{os.system.__module__}.system" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_referenced_globals_reads_stack_global() -> None:
+    found = referenced_globals(pickle.dumps(_WriteFile(Path("/nonexistent")), protocol=4))
+    assert ("builtins", "exec") in found
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80\x04\x95", np.random.default_rng(0).bytes(64) + b"."])
+def test_corrupt_pickles(data: bytes) -> None:
+    with pytest.raises(CompressorError):
+        safe_loads(data, "bad.pkl")
+
+
+def test_numpy_arrays_allowed() -> None:
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = safe_loads(pickle.dumps({"a": arr, "s": np.float64(2.5)}), "ok.pkl")
+    np.testing.assert_array_equal(out["a"], arr)
+    assert out["s"] == 2.5
+
+
+def test_shared_vecnormalize_without_gym_or_sb3(shared_policies: Path) -> None:
+    stats = load_vecnormalize(shared_policies / "sb3-ppo-Hopper-v3" / "vecnormalize.pkl")
+    assert stats.mean.shape == (11,) and stats.var.shape == (11,)
+    assert stats.clip_obs == 10.0 and stats.epsilon == 1e-8 and stats.norm_obs
+    assert (stats.var > 0).all() and stats.count > 1e6
+    assert not any(m == "gym" or m.startswith(("gym.", "stable_baselines3")) for m in sys.modules)
+
+
+# ---- synthetic VecNormalize pickles (the classes live in fake modules removed before loading) --
+_FAKE_MODULES = {
+    "stable_baselines3": None,
+    "stable_baselines3.common": None,
+    "stable_baselines3.common.vec_env": None,
+    "stable_baselines3.common.vec_env.vec_normalize": "VecNormalize",
+    "stable_baselines3.common.running_mean_std": "RunningMeanStd",
+    "gymnasium.spaces.box_fake": "Box",
+}
+
+
+@pytest.fixture
+def fake_sb3() -> Iterator[dict[str, type]]:
+    """Classes whose pickles name SB3's globals; their modules vanish before loading."""
+    classes: dict[str, type] = {}
+    saved = {name: sys.modules.get(name) for name in _FAKE_MODULES}
+    for mod_name, cls_name in _FAKE_MODULES.items():
+        mod = types.ModuleType(mod_name)
+        if cls_name:
+            cls = type(cls_name, (), {"__module__": mod_name})
+            setattr(mod, cls_name, cls)
+            classes[cls_name] = cls
+        sys.modules[mod_name] = mod
+    try:
+        yield classes
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+
+
+def _vecnormalize_bytes(classes: dict[str, type], extra: object = None, mean=None) -> bytes:
+    rms = classes["RunningMeanStd"]()
+    rms.mean = np.array([1.0, 2.0, 3.0]) if mean is None else mean
+    rms.var = np.array([4.0, 5.0, 6.0])
+    rms.count = 123.0
+    vn = classes["VecNormalize"]()
+    vn.obs_rms, vn.clip_obs, vn.epsilon, vn.norm_obs = rms, 5.0, 1e-6, True
+    vn.observation_space = classes["Box"]()
+    vn.rng = np.random.default_rng(0)  # gymnasium-era spaces carry numpy Generators
+    vn.extra = extra
+    return pickle.dumps(vn, protocol=4)
+
+
+def test_synthetic_vecnormalize(tmp_path: Path, fake_sb3: dict[str, type]) -> None:
+    data = _vecnormalize_bytes(fake_sb3)
+    for name in _FAKE_MODULES:
+        sys.modules.pop(name, None)  # the loader must not need them
+    path = tmp_path / "vecnormalize.pkl"
+    path.write_bytes(data)
+    stats = load_norm_stats(path)
+    np.testing.assert_array_equal(stats.mean, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(stats.var, [4.0, 5.0, 6.0])
+    assert (stats.clip_obs, stats.epsilon, stats.count) == (5.0, 1e-6, 123.0)
+
+
+def test_payload_inside_vecnormalize(tmp_path: Path, fake_sb3: dict[str, type]) -> None:
+    target = tmp_path / "pwned"
+    path = tmp_path / "vecnormalize.pkl"
+    path.write_bytes(_vecnormalize_bytes(fake_sb3, extra=_WriteFile(target)))
+    with pytest.raises(CompressorError, match=r"refused to load builtins\.exec"):
+        load_vecnormalize(path)
+    assert not target.exists()
+
+
+def test_nan_stats_rejected(tmp_path: Path, fake_sb3: dict[str, type]) -> None:
+    path = tmp_path / "vecnormalize.pkl"
+    path.write_bytes(_vecnormalize_bytes(fake_sb3, mean=np.array([np.nan, 0.0, 0.0])))
+    with pytest.raises(CompressorError, match="NaN"):
+        load_vecnormalize(path)
+
+
+def test_not_a_vecnormalize(tmp_path: Path) -> None:
+    path = tmp_path / "vecnormalize.pkl"
+    path.write_bytes(pickle.dumps({"mean": np.zeros(3)}))
+    with pytest.raises(CompressorError, match="not an SB3 VecNormalize"):
+        load_vecnormalize(path)
+    with pytest.raises(CompressorError, match="not found"):
+        load_vecnormalize(tmp_path / "missing.pkl")
+
+
+def test_npz_stats(tmp_path: Path) -> None:
+    path = tmp_path / "stats.npz"
+    np.savez(path, mean=np.zeros(3), var=np.ones(3))
+    stats = load_norm_stats(path)
+    assert stats.clip_obs == 10.0 and stats.mean.shape == (3,)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mean=np.zeros(3))
+    with pytest.raises(CompressorError, match="'mean' and 'var'"):
+        load_norm_stats(bad)
