@@ -113,11 +113,17 @@ def _setup_torch() -> None:
 # ---- main job ---------------------------------------------------------------------------------
 @app.command(rich_help_panel=PANEL_MAIN)
 def run(
-    src: Annotated[str, typer.Argument(help="Policy file (.pt, SB3 .zip, CleanRL) or profile name.")],
-    budget: Annotated[float, typer.Option(help="Fraction of the return scale that may be lost.")] = 0.05,
+    src: Annotated[
+        str, typer.Argument(help="Policy file (.pt, SB3 .zip, CleanRL) or profile name.")
+    ],
+    budget: Annotated[
+        float, typer.Option(help="Fraction of the return scale that may be lost.")
+    ] = 0.05,
     profile: ProfileOpt = None,
     target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder that receives the run.")] = Path("runs"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder that receives the run.")] = Path(
+        "runs"
+    ),
     name: Annotated[str | None, typer.Option(help="Run name (default: the policy's stem).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -170,11 +176,17 @@ def evaluate(
     env_id = env or loaded.policy.spec.env_id
     if not env_id:
         raise CompressorError("the policy names no environment: pass --env")
-    res, _ = run_eval(loaded.policy.eval(), env_id, loaded.policy.spec.env_kwargs,
-                      list(range(seed, seed + episodes)))
+    res, _ = run_eval(
+        loaded.policy.eval(),
+        env_id,
+        loaded.policy.spec.env_kwargs,
+        list(range(seed, seed + episodes)),
+    )
     s = res.stats
     t = Table("env", "episodes", "mean", "std", "95% CI")
-    t.add_row(env_id, str(s.n), f"{s.mean:.1f}", f"{s.std:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}")
+    t.add_row(
+        env_id, str(s.n), f"{s.mean:.1f}", f"{s.std:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}"
+    )
     _emit({"env_id": env_id, **res.to_dict()}, as_json, t)
 
 
@@ -214,8 +226,13 @@ def attack(
             count[0] += 1
 
         suite = evaluate_suite(
-            loaded.policy.eval(), prof.env.id, dict(prof.env.kwargs or loaded.policy.spec.env_kwargs),
-            list(range(seed, seed + episodes)), names, threat, on_stage=bump,
+            loaded.policy.eval(),
+            prof.env.id,
+            dict(prof.env.kwargs or loaded.policy.spec.env_kwargs),
+            list(range(seed, seed + episodes)),
+            names,
+            threat,
+            on_stage=bump,
         )
     t = Table("attack", "mean return", "95% CI", "mean TV reached")
     for r in [suite.clean, *suite.attacks.values()]:
@@ -233,7 +250,9 @@ def certify(
     norm: NormOpt = None,
     space: SpaceOpt = None,
     tau: Annotated[float, typer.Option(help="TV threshold of the certified radius.")] = 0.1,
-    states: Annotated[int, typer.Option(help="Visited states for the empirical (PGD) TV; 0: none.")] = 0,
+    states: Annotated[
+        int, typer.Option(help="Visited states for the empirical (PGD) TV; 0: none.")
+    ] = 0,
     profile: ProfileOpt = None,
     env: EnvOpt = None,
     as_json: JsonOpt = False,
@@ -249,7 +268,9 @@ def certify(
     cert = certify_global(pol, threat, tau)
     data: dict[str, Any] = {"env_id": prof.env.id, "global": cert.to_dict()}
     t = Table("quantity", "value")
-    t.add_row("threat", f"ℓ{'∞' if threat.norm == 'inf' else '2'}, ε = {threat.eps} ({threat.space})")
+    t.add_row(
+        "threat", f"ℓ{'∞' if threat.norm == 'inf' else '2'}, ε = {threat.eps} ({threat.space})"
+    )
     t.add_row(f"certified {cert.shift_name} per unit ε", f"{cert.lipschitz:.4g}")
     t.add_row("certified shift at ε", f"{cert.shift_bound:.4g}")
     t.add_row("certified TV at ε", "n/a" if cert.tv_bound is None else f"{cert.tv_bound:.4f}")
@@ -261,8 +282,13 @@ def certify(
 
         env_id = prof.env.id
         eps_needed = max(1, min(20, states // 200))
-        _, roll = run_eval(pol, env_id, dict(prof.env.kwargs or pol.spec.env_kwargs),
-                           list(range(20_000, 20_000 + eps_needed)), record_states=True)
+        _, roll = run_eval(
+            pol,
+            env_id,
+            dict(prof.env.kwargs or pol.spec.env_kwargs),
+            list(range(20_000, 20_000 + eps_needed)),
+            record_states=True,
+        )
         assert roll.states is not None
         idx = np.random.default_rng(0).permutation(len(roll.states))[:states]
         tv = np.asarray(empirical_tv(pol, roll.states[idx], threat))
@@ -272,8 +298,10 @@ def certify(
             "tv_median": float(np.median(tv)),
             "tv_max": float(tv.max()),
         }
-        t.add_row(f"empirical TV (PGD) over {len(idx)} visited states: mean / max",
-                  f"{tv.mean():.4f} / {tv.max():.4f}")
+        t.add_row(
+            f"empirical TV (PGD) over {len(idx)} visited states: mean / max",
+            f"{tv.mean():.4f} / {tv.max():.4f}",
+        )
     _emit(data, as_json, t)
 
 
@@ -291,8 +319,9 @@ def prune(
 ) -> None:
     """Prune (masks kept through fine-tuning) and save the pruned policy."""
     from compressor.evaluate import evaluate as run_eval
-    from compressor.finetune import FinetuneConfig, distill
+    from compressor.finetune import distill
     from compressor.loading import save_loaded
+    from compressor.pipeline import finetune_config
     from compressor.prune import prune as do_prune
 
     _setup_torch()
@@ -303,12 +332,18 @@ def prune(
     if finetune:
         prof, threat = _settings(loaded, profile, env, None, None, None)
         f = prof.finetune
-        _, roll = run_eval(dense, prof.env.id, dict(prof.env.kwargs or dense.spec.env_kwargs),
-                           list(range(f.state_seed, f.state_seed + f.state_episodes)),
-                           record_states=True)
+        _, roll = run_eval(
+            dense,
+            prof.env.id,
+            dict(prof.env.kwargs or dense.spec.env_kwargs),
+            list(range(f.state_seed, f.state_seed + f.state_episodes)),
+            record_states=True,
+        )
         assert roll.states is not None
-        cfg = FinetuneConfig(f.steps, f.batch_size, f.lr, f.perturbed_fraction, f.preserve_certificate)
-        info["finetune"] = distill(pruned, dense, roll.states, threat, cfg, seed=f.state_seed).to_dict()
+        cfg = finetune_config(prof)
+        info["finetune"] = distill(
+            pruned, dense, roll.states, threat, cfg, seed=f.state_seed
+        ).to_dict()
     loaded.policy = pruned
     save_loaded(loaded, output)
     _emit(info, as_json, None if as_json else None)
@@ -329,11 +364,12 @@ def export(
 
     loaded = _load(src)
     tgt = load_target(target)
-    res = export_onnx(
-        loaded.policy.eval(), output, metadata={"target": tgt.name}, opset=tgt.opset
+    res = export_onnx(loaded.policy.eval(), output, metadata={"target": tgt.name}, opset=tgt.opset)
+    _emit(
+        {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(res).items()},
+        as_json,
+        None,
     )
-    _emit({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(res).items()},
-          as_json, None)
 
 
 # ---- policies ---------------------------------------------------------------------------------
@@ -394,11 +430,23 @@ def train(
     try:
         widths = [int(h) for h in hidden.split(",") if h.strip()]
     except ValueError:
-        raise CompressorError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+        raise CompressorError(
+            f"--hidden must be comma-separated integers, got {hidden!r}"
+        ) from None
     cfg = PPOConfig(
-        env_id=env_id, total_steps=steps, seed=seed, hidden=widths, activation=activation,
-        num_envs=num_envs, num_steps=num_steps, lr=lr, minibatches=minibatches, epochs=epochs,
-        ent_coef=ent_coef, norm_reward=norm_reward, eval_episodes=eval_episodes,
+        env_id=env_id,
+        total_steps=steps,
+        seed=seed,
+        hidden=widths,
+        activation=activation,
+        num_envs=num_envs,
+        num_steps=num_steps,
+        lr=lr,
+        minibatches=minibatches,
+        epochs=epochs,
+        ent_coef=ent_coef,
+        norm_reward=norm_reward,
+        eval_episodes=eval_episodes,
     )
     check_config(cfg)
     rep = Reporter()
@@ -408,8 +456,10 @@ def train(
     stats["eval"] = res.to_dict()["return"]
     stats["command"] = ["compress", *sys.argv[1:]]
     save_trained(pol, critic, cfg, stats, output)
-    out.print(f"wrote {output}: deterministic return {res.stats.mean:.1f} over {eval_episodes} "
-              f"episodes (seeds {cfg.eval_seed}–{cfg.eval_seed + eval_episodes - 1})")
+    out.print(
+        f"wrote {output}: deterministic return {res.stats.mean:.1f} over {eval_episodes} "
+        f"episodes (seeds {cfg.eval_seed}–{cfg.eval_seed + eval_episodes - 1})"
+    )
 
 
 def main() -> None:

@@ -65,8 +65,10 @@ class FinetuneSection:
     steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
-    perturbed_fraction: float = 0.5
-    preserve_certificate: bool = True
+    perturbed_fraction: float = 0.25
+    adversarial_fraction: float = 0.25
+    adversarial_steps: int = 3
+    preserve_certificate: bool = False
     state_episodes: int = 20
     state_seed: int = 10_000
 

@@ -121,7 +121,12 @@ def evaluate(
     :param on_episode: progress callback (finished episode count).
     """
     res = rollout(
-        policy, env_id, env_kwargs, seeds, num_envs=num_envs, record_states=record_states,
+        policy,
+        env_id,
+        env_kwargs,
+        seeds,
+        num_envs=num_envs,
+        record_states=record_states,
         on_episode=on_episode,
     )
     stats = summarize_returns(res.returns)
@@ -182,15 +187,25 @@ def evaluate_suite(
         if on_stage:
             on_stage(name)
         out.attacks[name] = evaluate_attack(
-            policy, env_id, env_kwargs, seeds, name, threat, attack_seed=attack_seed,
+            policy,
+            env_id,
+            env_kwargs,
+            seeds,
+            name,
+            threat,
+            attack_seed=attack_seed,
             num_envs=num_envs,
         )
     return out
 
 
-def random_action_return(env_id: str, env_kwargs: dict, seeds: list[int], num_envs: int = 16) -> float:
+def random_action_return(
+    env_id: str, env_kwargs: dict, seeds: list[int], num_envs: int = 16
+) -> float:
     """Mean return of uniformly random actions on ``seeds`` (the budget's scale floor)."""
     from compressor.rollout import RandomActor
 
-    res = rollout(RandomActor(env_id, env_kwargs, seed=0), env_id, env_kwargs, seeds, num_envs=num_envs)
+    res = rollout(
+        RandomActor(env_id, env_kwargs, seed=0), env_id, env_kwargs, seeds, num_envs=num_envs
+    )
     return float(np.mean(res.returns))

@@ -4,6 +4,11 @@ Needs no reward: the student matches the teacher's action distribution on states
 visited, and on those states perturbed inside the ε-ball (so it also learns the teacher's
 behaviour around them). Masks stay applied because the policy always computes with ``W ⊙ M``.
 
+``adversarial_fraction`` of each batch is perturbed by PGD against the *student* (maximising
+its divergence from the teacher's action at the true state) and trained to match the teacher at
+the true state: SA-PPO's smoothness regulariser in distillation form. It makes the pruned policy
+keep (or gain) robustness, not only clean behaviour.
+
 ``preserve_certificate`` projects every weight back into ``|w| ≤ |w_dense|`` after each step:
 the absolute-product certificate is monotone in ``|W|``, so the fine-tuned policy's global
 certificate can never be looser than the dense one's (design.md, "Certificates").
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compressor.attacks.pgd import pgd
 from compressor.policy import Policy
 from compressor.threat import ThreatModel, sample_ball
 
@@ -26,13 +32,17 @@ from compressor.threat import ThreatModel, sample_ball
 class FinetuneConfig:
     """:param steps: optimiser steps. :param batch_size: states per step. :param lr: Adam
     learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
+    :param adversarial_fraction: share of each batch attacked by PGD on the student.
+    :param adversarial_steps: PGD steps of that attack.
     :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step."""
 
     steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
-    perturbed_fraction: float = 0.5
-    preserve_certificate: bool = True
+    perturbed_fraction: float = 0.25
+    adversarial_fraction: float = 0.25
+    adversarial_steps: int = 3
+    preserve_certificate: bool = False
 
 
 @dataclass
@@ -70,31 +80,48 @@ def distill(
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     x_all = torch.as_tensor(states, dtype=torch.float32)
-    scale = threat.scale(teacher) if threat is not None else None
+    scale = threat.scale(teacher) if threat is not None else torch.ones(x_all.shape[1])
     bounds = [w.detach().abs().clone() for w in teacher.effective_weights()]
     # only the trunk is trained: log_std (Σ) stays the dense one, as the certificate assumes
     params = [p for layer in student.layers for p in layer.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
 
-    def batch() -> torch.Tensor:
-        x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)]
-        if threat is not None and cfg.perturbed_fraction > 0:
-            k = int(cfg.batch_size * cfg.perturbed_fraction)
-            noise = sample_ball((k, x.shape[1]), threat.eps, threat.norm, g) * scale
-            x = torch.cat([x[: cfg.batch_size - k], x[cfg.batch_size - k :] + noise])
-        return x
+    n_noise = int(cfg.batch_size * cfg.perturbed_fraction) if threat is not None else 0
+    n_adv = int(cfg.batch_size * cfg.adversarial_fraction) if threat is not None else 0
 
     def loss_on(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = teacher(x)
         return student.divergence(target, student(x)).mean()
 
+    def batch_loss() -> torch.Tensor:
+        x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)]
+        with torch.no_grad():
+            target = teacher(x)
+        seen = x
+        if threat is not None and n_noise + n_adv > 0:
+            # rows [0, n_noise): uniform noise, teacher's action at the noisy state is the target
+            noise = sample_ball((n_noise, x.shape[1]), threat.eps, threat.norm, g) * scale
+            seen = torch.cat([x[:n_noise] + noise, x[n_noise:]])
+            with torch.no_grad():
+                target = torch.cat([teacher(seen[:n_noise]), target[n_noise:]])
+            if n_adv:
+                # rows [n_noise, n_noise + n_adv): PGD on the student, target at the true state
+                lo, hi = n_noise, n_noise + n_adv
+                tgt = target[lo:hi]
+                adv = pgd(
+                    lambda z: student.divergence(tgt, student(z)), x[lo:hi], scale, threat.eps,
+                    norm=threat.norm, steps=cfg.adversarial_steps, random_start=True, generator=g,
+                )
+                seen = torch.cat([seen[:lo], adv, seen[hi:]])
+        return student.divergence(target, student(seen)).mean()
+
     with torch.no_grad():
         probe = x_all[torch.randint(0, len(x_all), (min(4096, len(x_all)),), generator=g)]
         loss_start = float(loss_on(probe))
     student.train()
     for _ in range(cfg.steps):
-        loss = loss_on(batch())
+        loss = batch_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -137,8 +137,15 @@ def run_pipeline(
             done[0] += 1
 
         dense_suite = evaluate_suite(
-            dense, env_id, env_kwargs, seeds, attacks_all, threat,
-            attack_seed=prof.attacks.seed, num_envs=n_envs, on_stage=bump,
+            dense,
+            env_id,
+            env_kwargs,
+            seeds,
+            attacks_all,
+            threat,
+            attack_seed=prof.attacks.seed,
+            num_envs=n_envs,
+            on_stage=bump,
         )
         rand_ret = random_action_return(env_id, env_kwargs, seeds, n_envs)
     with rep.stage("certify dense"):
@@ -160,24 +167,25 @@ def run_pipeline(
             range(prof.finetune.state_seed, prof.finetune.state_seed + prof.finetune.state_episodes)
         )
         _, states_res = evaluate(
-            dense, env_id, env_kwargs, state_seeds, num_envs=n_envs, record_states=True,
+            dense,
+            env_id,
+            env_kwargs,
+            state_seeds,
+            num_envs=n_envs,
+            record_states=True,
             on_episode=upd,
         )
     states = states_res.states
     assert states is not None
-    ft_cfg = FinetuneConfig(
-        steps=prof.finetune.steps,
-        batch_size=prof.finetune.batch_size,
-        lr=prof.finetune.lr,
-        perturbed_fraction=prof.finetune.perturbed_fraction,
-        preserve_certificate=prof.finetune.preserve_certificate,
-    )
+    ft_cfg = finetune_config(prof)
     journal = run_dir / "journal.jsonl"
 
     def evaluate_at(sparsity: float) -> Candidate:
         t0 = time.perf_counter()
         with rep.stage(f"search: sparsity {sparsity:.3f}", total=len(prof.attacks.screen) + 2) as u:
-            cand = prune(dense, sparsity, prof.prune.method, prof.prune.scope, seed=prof.attacks.seed)
+            cand = prune(
+                dense, sparsity, prof.prune.method, prof.prune.scope, seed=prof.attacks.seed
+            )
             u(0)
             ft = distill(cand, dense, states, threat, ft_cfg, seed=prof.finetune.state_seed)
             u(1)
@@ -188,8 +196,15 @@ def run_pipeline(
                 u(cnt[0])
 
             suite = evaluate_suite(
-                cand, env_id, env_kwargs, seeds, prof.attacks.screen, threat,
-                attack_seed=prof.attacks.seed, num_envs=n_envs, on_stage=step,
+                cand,
+                env_id,
+                env_kwargs,
+                seeds,
+                prof.attacks.screen,
+                threat,
+                attack_seed=prof.attacks.seed,
+                num_envs=n_envs,
+                on_stage=step,
             )
             cert = certify_global(cand, threat, prof.certificate.tau)
         c = Candidate(
@@ -224,8 +239,15 @@ def run_pipeline(
         extra = [a for a in prof.attacks.final if a not in prof.attacks.screen]
         with rep.stage("evaluate chosen (final attacks)", total=max(len(extra), 1)):
             final_suite = evaluate_suite(
-                pol, env_id, env_kwargs, seeds, extra, threat, attack_seed=prof.attacks.seed,
-                num_envs=n_envs, clean=chosen.suite.clean,
+                pol,
+                env_id,
+                env_kwargs,
+                seeds,
+                extra,
+                threat,
+                attack_seed=prof.attacks.seed,
+                num_envs=n_envs,
+                clean=chosen.suite.clean,
             )
             final_suite.attacks = {**chosen.suite.attacks, **final_suite.attacks}
         with rep.stage("certify chosen"):
@@ -271,6 +293,20 @@ def run_pipeline(
     return RunResult(run_dir, report, chosen is not None)
 
 
+def finetune_config(prof: Profile) -> FinetuneConfig:
+    """The fine-tuning settings of a profile."""
+    f = prof.finetune
+    return FinetuneConfig(
+        steps=f.steps,
+        batch_size=f.batch_size,
+        lr=f.lr,
+        perturbed_fraction=f.perturbed_fraction,
+        adversarial_fraction=f.adversarial_fraction,
+        adversarial_steps=f.adversarial_steps,
+        preserve_certificate=f.preserve_certificate,
+    )
+
+
 def certify_all(policy: Policy, threat: ThreatModel, prof: Profile) -> dict[str, GlobalCertificate]:
     """Global certificates for the run's norm and every norm the profile lists, same ε/space."""
     norms = list(dict.fromkeys([threat.norm, *prof.certificate.norms]))
@@ -282,4 +318,6 @@ def certify_all(policy: Policy, threat: ThreatModel, prof: Profile) -> dict[str,
 
 def _subset(suite: SuiteResult, names: list[str]) -> SuiteResult:
     """The same suite restricted to ``names`` (the screening attacks)."""
-    return SuiteResult(suite.clean, {k: v for k, v in suite.attacks.items() if k in names}, suite.threat)
+    return SuiteResult(
+        suite.clean, {k: v for k, v in suite.attacks.items() if k in names}, suite.threat
+    )

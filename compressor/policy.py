@@ -14,9 +14,10 @@ import copy
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,18 +82,33 @@ class PolicySpec:
                     raise CompressorError(f"{name} has {len(b)} entries, expected {self.act_dim}")
 
 
+class LinearList(nn.ModuleList):
+    """A ``ModuleList`` of ``nn.Linear`` (typed, so callers get ``Linear`` back)."""
+
+    def __iter__(self) -> Iterator[nn.Linear]:
+        return cast(Iterator[nn.Linear], super().__iter__())
+
+    def __getitem__(self, idx: int) -> nn.Linear:  # type: ignore[override]
+        return cast(nn.Linear, super().__getitem__(idx))
+
+
 class Policy(nn.Module):
     """An MLP policy with normalisation, head and action post-processing.
 
     :param spec: the architecture and metadata.
     """
 
+    obs_mean: torch.Tensor
+    obs_var: torch.Tensor
+    action_low: torch.Tensor
+    action_high: torch.Tensor
+
     def __init__(self, spec: PolicySpec) -> None:
         super().__init__()
         spec.validate()
         self.spec = spec
         sizes = [spec.obs_dim, *spec.hidden, spec.act_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = LinearList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.act_fn = ACTIVATIONS[spec.activation]()
         for i, layer in enumerate(self.layers):
             self.register_buffer(f"mask{i}", torch.ones_like(layer.weight))
@@ -108,7 +124,7 @@ class Policy(nn.Module):
     # ---- masks -------------------------------------------------------------------------------
     def masks(self) -> list[torch.Tensor]:
         """The pruning mask of each Linear layer (1 = kept), in layer order."""
-        return [getattr(self, f"mask{i}") for i in range(len(self.layers))]
+        return [self.get_buffer(f"mask{i}") for i in range(len(self.layers))]
 
     def set_masks(self, masks: list[torch.Tensor]) -> None:
         """Install masks (one per layer, same shape as its weight) and zero the pruned weights."""
@@ -118,8 +134,8 @@ class Policy(nn.Module):
             for i, (layer, m) in enumerate(zip(self.layers, masks)):
                 if m.shape != layer.weight.shape:
                     raise ValueError(f"mask {i} shape {tuple(m.shape)} != weight shape")
-                getattr(self, f"mask{i}").copy_(m.to(layer.weight.dtype))
-                layer.weight.mul_(getattr(self, f"mask{i}"))
+                self.get_buffer(f"mask{i}").copy_(m.to(layer.weight.dtype))
+                layer.weight.mul_(self.get_buffer(f"mask{i}"))
 
     def effective_weights(self) -> list[torch.Tensor]:
         """``W * M`` for every layer: the weights the policy actually uses."""
@@ -166,7 +182,7 @@ class Policy(nn.Module):
         return h
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """Raw observation batch -> head output (mean for Gaussian heads, logits for categorical)."""
+        """Raw observation batch -> head output (Gaussian mean, or categorical logits)."""
         return self.trunk_forward(self.normalize(obs))
 
     def postprocess(self, out: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,15 @@ from compressor.threat import ThreatModel
 
 SCHEMA = "edge-policy-compressor/report"
 SCHEMA_VERSION = 1
-PACKAGES = ("edge-policy-compressor", "torch", "numpy", "gymnasium", "mujoco", "onnx", "onnxruntime")
+PACKAGES = (
+    "edge-policy-compressor",
+    "torch",
+    "numpy",
+    "gymnasium",
+    "mujoco",
+    "onnx",
+    "onnxruntime",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -40,7 +48,10 @@ def package_versions() -> dict[str, str]:
 
 
 def _policy_block(
-    suite: SuiteResult, certs: dict[str, GlobalCertificate], sparsity: float, params: int,
+    suite: SuiteResult,
+    certs: dict[str, GlobalCertificate],
+    sparsity: float,
+    params: int,
     params_nonzero: int,
 ) -> dict[str, Any]:
     return {
@@ -74,7 +85,10 @@ def build_report(
     dense = loaded.policy
     src_file = Path(loaded.path)
     dense_block = _policy_block(
-        dense_suite, dense_certs, dense.sparsity(), dense.num_parameters(),
+        dense_suite,
+        dense_certs,
+        dense.sparsity(),
+        dense.num_parameters(),
         dense.num_parameters(nonzero_only=True),
     )
     dense_block["file_bytes"] = src_file.stat().st_size if src_file.exists() else None
@@ -83,11 +97,16 @@ def build_report(
         pol, exp = chosen["policy"], chosen["export"]
         cand = chosen["candidate"]
         chosen_block = _policy_block(
-            chosen["suite"], chosen["certificates"], pol.sparsity(), pol.num_parameters(),
+            chosen["suite"],
+            chosen["certificates"],
+            pol.sparsity(),
+            pol.num_parameters(),
             pol.num_parameters(nonzero_only=True),
         )
         chosen_block["finetune"] = cand.finetune.to_dict() if cand.finetune else None
-        chosen_block["final_check"] = rule.check(chosen["suite"], chosen["certificates"][threat.norm])
+        chosen_block["final_check"] = rule.check(
+            chosen["suite"], chosen["certificates"][threat.norm]
+        )
         pt = run_dir / "policy.pt"
         chosen_block["file_bytes"] = pt.stat().st_size if pt.exists() else None
         chosen_block["onnx"] = {

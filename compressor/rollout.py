@@ -26,7 +26,9 @@ class Actor(Protocol):
 
     def act(self, obs: torch.Tensor) -> torch.Tensor: ...
 
-    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+    def sample(
+        self, obs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
 
 
 class RandomActor:
@@ -120,7 +122,7 @@ def rollout(
     done_count = 0
     steps = 0
     try:
-        obs, _ = envs.reset(seed=[int(s) for s in seeds[:n]])
+        obs, _ = envs.reset(seed=[int(s) for s in seeds[:n]])  # type: ignore[arg-type]
         while done_count < n_eps:
             active = slot_episode >= 0
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
@@ -153,7 +155,7 @@ def rollout(
                     slot_episode[slot] = -1
             # idle slots are reset too (unseeded) so the vector env stays valid; their
             # episodes are ignored
-            obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": ended})
+            obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": ended})  # type: ignore[arg-type]
     finally:
         envs.close()
     return RolloutResult(

@@ -32,7 +32,9 @@ class ThreatModel:
         if not (self.eps > 0) or self.eps != self.eps:
             raise CompressorError(f"ε must be positive, got {self.eps}")
         if self.eps > 10:
-            raise CompressorError(f"ε = {self.eps} is absurd for observation attacks (expected ≤ 10)")
+            raise CompressorError(
+                f"ε = {self.eps} is absurd for observation attacks (expected ≤ 10)"
+            )
         if self.norm not in NORMS:
             raise CompressorError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.space not in SPACES:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -85,7 +85,7 @@ def _mlp(sizes: list[int], act: type[nn.Module], out_std: float) -> nn.Sequentia
 
 def train_ppo(
     cfg: PPOConfig, progress: Callable[[int, float], None] | None = None
-) -> tuple[Policy, nn.Module, dict[str, Any]]:
+) -> tuple[Policy, nn.Sequential, dict[str, Any]]:
     """Train a policy with PPO.
 
     :param cfg: the configuration.
@@ -138,7 +138,7 @@ def train_ppo(
     buf_obs = torch.zeros(T, n, spec.obs_dim)
     buf_act = torch.zeros((T, n) if discrete else (T, n, spec.act_dim))
     buf_logp, buf_rew, buf_done, buf_val = (torch.zeros(T, n) for _ in range(4))
-    ep_ret, recent = np.zeros(n), []
+    ep_ret, recent = np.zeros(n), cast(list[float], [])
     raw_obs, _ = envs.reset(seed=cfg.seed)
     done = torch.zeros(n)
     t0, step = time.perf_counter(), 0
@@ -209,7 +209,9 @@ def train_ppo(
                 ratio = (logp - b_logp[idx]).exp()
                 a_mb = b_adv[idx]
                 a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
-                pg = torch.max(-a_mb * ratio, -a_mb * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
+                pg = torch.max(
+                    -a_mb * ratio, -a_mb * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
+                )
                 v_loss = 0.5 * ((value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
                 ent = d.entropy() if discrete else d.entropy().sum(-1)
                 loss = pg.mean() - cfg.ent_coef * ent.mean() + cfg.vf_coef * v_loss
@@ -231,7 +233,7 @@ def train_ppo(
 
 
 def save_trained(
-    policy: Policy, critic: nn.Module, cfg: PPOConfig, stats: dict[str, Any], path: str | Path
+    policy: Policy, critic: nn.Sequential, cfg: PPOConfig, stats: dict[str, Any], path: str | Path
 ) -> None:
     """Save the policy in the native format, with the critic and the training provenance."""
     policy.spec.source = {

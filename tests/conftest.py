@@ -9,7 +9,8 @@ import torch
 
 from compressor.policy import Policy, PolicySpec
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 SHARED_POLICIES = SHARED / "policies"
 
 
@@ -40,7 +41,9 @@ def make_policy(
     p = Policy(spec)
     with torch.no_grad():
         for layer in p.layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / layer.in_features**0.5)
+            layer.weight.copy_(
+                torch.randn(layer.weight.shape, generator=g) / layer.in_features**0.5
+            )
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.1)
         p.obs_mean.copy_(torch.randn(obs_dim, generator=g))
         p.obs_var.copy_(torch.rand(obs_dim, generator=g) * 4 + 0.1)

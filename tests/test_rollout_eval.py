@@ -1,0 +1,70 @@
+"""The rollout engine and evaluation: seeded episodes, attacks seen only by the policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from compressor.evaluate import evaluate, evaluate_attack, random_action_return
+from compressor.policy import load_native
+from compressor.rollout import rollout
+from compressor.stats import summarize_returns
+from compressor.threat import ThreatModel
+from conftest import REPO, make_policy
+
+
+def test_returns_do_not_depend_on_env_count() -> None:
+    pol = load_native(REPO / "profiles" / "cartpole.pt")
+    seeds = [3, 1, 4, 1, 5]
+    a = rollout(pol, "CartPole-v1", {}, seeds, num_envs=5, max_steps=60)
+    b = rollout(pol, "CartPole-v1", {}, seeds, num_envs=2, max_steps=60)
+    np.testing.assert_array_equal(a.returns, b.returns)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+
+
+def test_episode_seed_fixes_the_episode() -> None:
+    pol = make_policy("categorical", obs_dim=4, act_dim=2, env_id="CartPole-v1", seed=3)
+    r = rollout(pol, "CartPole-v1", {}, [7, 8, 7], num_envs=3)
+    assert r.returns[0] == r.returns[2]
+    assert r.steps == int(r.lengths.sum())
+
+
+def test_record_states_are_true_observations() -> None:
+    pol = make_policy("categorical", obs_dim=4, act_dim=2, env_id="CartPole-v1", seed=1)
+
+    def shift(obs: torch.Tensor) -> torch.Tensor:
+        return obs + 100.0  # the policy sees garbage; recorded states must stay true
+
+    r = rollout(pol, "CartPole-v1", {}, [0], perturb=shift, record_states=True, max_steps=20)
+    assert r.states is not None and len(r.states) == r.steps
+    assert np.abs(r.states).max() < 50
+
+
+def test_max_steps_truncates() -> None:
+    pol = load_native(REPO / "profiles" / "cartpole.pt")
+    r = rollout(pol, "CartPole-v1", {}, [0, 1], max_steps=37)
+    assert list(r.lengths) == [37, 37]
+    assert list(r.returns) == [37.0, 37.0]
+
+
+def test_trained_cartpole_reaches_500_and_beats_random_actions() -> None:
+    pol = load_native(REPO / "profiles" / "cartpole.pt")
+    res, _ = evaluate(pol, "CartPole-v1", {}, [0, 1])
+    assert res.stats.mean == 500.0
+    assert random_action_return("CartPole-v1", {}, [0, 1, 2]) < 60
+
+
+def test_bootstrap_ci_brackets_mean() -> None:
+    s = summarize_returns(np.array([1.0, 2.0, 3.0, 10.0]))
+    assert s.ci_low <= s.mean <= s.ci_high
+    assert s.ci_low >= 1.0 and s.ci_high <= 10.0
+    assert summarize_returns(np.array([5.0])).ci_low == 5.0
+
+
+def test_attacked_evaluation_reports_tv() -> None:
+    pol = load_native(REPO / "profiles" / "cartpole.pt")
+    th = ThreatModel(0.2)
+    rnd = evaluate_attack(pol, "CartPole-v1", {}, [0], "random", th, num_envs=1)
+    mad = evaluate_attack(pol, "CartPole-v1", {}, [0], "mad", th, num_envs=1)
+    assert rnd.mean_tv is not None and mad.mean_tv is not None
+    assert mad.mean_tv > 1.5 * rnd.mean_tv
