@@ -319,9 +319,9 @@ def prune(
 ) -> None:
     """Prune (masks kept through fine-tuning) and save the pruned policy."""
     from compressor.evaluate import evaluate as run_eval
-    from compressor.finetune import distill
+    from compressor.finetune import distill_with_dagger
     from compressor.loading import save_loaded
-    from compressor.pipeline import finetune_config
+    from compressor.pipeline import finetune_config, student_state_collector
     from compressor.prune import prune as do_prune
 
     _setup_torch()
@@ -341,12 +341,14 @@ def prune(
         )
         assert roll.states is not None
         cfg = finetune_config(prof)
-        info["finetune"] = distill(
-            pruned, dense, roll.states, threat, cfg, seed=f.state_seed
+        env_kwargs = dict(prof.env.kwargs or dense.spec.env_kwargs)
+        collect = student_state_collector(prof, env_kwargs, prof.evaluation.num_envs)
+        info["finetune"] = distill_with_dagger(
+            pruned, dense, roll.states, threat, cfg, collect, seed=f.state_seed
         ).to_dict()
     loaded.policy = pruned
     save_loaded(loaded, output)
-    _emit(info, as_json, None if as_json else None)
+    _emit(info, as_json)
 
 
 @app.command(rich_help_panel=PANEL_STAGES)

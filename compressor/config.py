@@ -69,6 +69,8 @@ class FinetuneSection:
     adversarial_fraction: float = 0.25
     adversarial_steps: int = 3
     preserve_certificate: bool = False
+    dagger_rounds: int = 2
+    dagger_episodes: int = 10
     state_episodes: int = 20
     state_seed: int = 10_000
 

@@ -17,7 +17,8 @@ certificate can never be looser than the dense one's (design.md, "Certificates")
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,10 @@ class FinetuneConfig:
     learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
     :param adversarial_fraction: share of each batch attacked by PGD on the student.
     :param adversarial_steps: PGD steps of that attack.
-    :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step."""
+    :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step.
+    :param dagger_rounds: rounds of rolling out the student and adding the states it visits
+        (labelled by the teacher) before training again: imitation's cure for drifting into
+        states the teacher never showed."""
 
     steps: int = 2000
     batch_size: int = 256
@@ -43,6 +47,7 @@ class FinetuneConfig:
     adversarial_fraction: float = 0.25
     adversarial_steps: int = 3
     preserve_certificate: bool = False
+    dagger_rounds: int = 1
 
 
 @dataclass
@@ -85,6 +90,8 @@ def distill(
     # only the trunk is trained: log_std (Σ) stays the dense one, as the certificate assumes
     params = [p for layer in student.layers for p in layer.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    # cosine decay to zero: the last steps settle the weights instead of jittering around
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
 
     n_noise = int(cfg.batch_size * cfg.perturbed_fraction) if threat is not None else 0
     n_adv = int(cfg.batch_size * cfg.adversarial_fraction) if threat is not None else 0
@@ -125,6 +132,7 @@ def distill(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if cfg.preserve_certificate:
             with torch.no_grad():
                 for layer, b in zip(student.layers, bounds):
@@ -133,3 +141,32 @@ def distill(
     with torch.no_grad():
         loss_end = float(loss_on(probe))
     return FinetuneStats(loss_start, loss_end, cfg.steps, time.perf_counter() - t0)
+
+
+def distill_with_dagger(
+    student: Policy,
+    teacher: Policy,
+    states: np.ndarray,
+    threat: ThreatModel | None,
+    cfg: FinetuneConfig,
+    collect: Callable[[Policy], np.ndarray],
+    seed: int = 0,
+) -> FinetuneStats:
+    """:func:`distill`, in ``cfg.dagger_rounds + 1`` phases that split ``cfg.steps``; after
+    each phase but the last, ``collect(student)`` returns states the student visits, which
+    join the training set.
+
+    :param collect: rolls out a policy and returns the raw observations it visited.
+    """
+    phases = cfg.dagger_rounds + 1
+    per = replace(cfg, steps=max(1, cfg.steps // phases))
+    data = states
+    first: FinetuneStats | None = None
+    t0 = time.perf_counter()
+    for k in range(phases):
+        stats = distill(student, teacher, data, threat, per, seed=seed + k)
+        first = first or stats
+        if k < phases - 1:
+            data = np.concatenate([data, collect(student)])
+    return FinetuneStats(first.loss_start if first else 0.0, stats.loss_end, cfg.steps,
+                         time.perf_counter() - t0)

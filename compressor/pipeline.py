@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compressor import atomic
@@ -23,7 +25,7 @@ from compressor.envs import check_policy_fits_env
 from compressor.errors import CompressorError
 from compressor.evaluate import SuiteResult, evaluate, evaluate_suite, random_action_return
 from compressor.export import export_onnx
-from compressor.finetune import FinetuneConfig, distill
+from compressor.finetune import FinetuneConfig, distill_with_dagger
 from compressor.loading import LoadedPolicy, load_policy
 from compressor.policy import Policy, save_policy
 from compressor.progress import Reporter
@@ -178,6 +180,7 @@ def run_pipeline(
     states = states_res.states
     assert states is not None
     ft_cfg = finetune_config(prof)
+    collect = student_state_collector(prof, env_kwargs, n_envs)
     journal = run_dir / "journal.jsonl"
 
     def evaluate_at(sparsity: float) -> Candidate:
@@ -187,7 +190,9 @@ def run_pipeline(
                 dense, sparsity, prof.prune.method, prof.prune.scope, seed=prof.attacks.seed
             )
             u(0)
-            ft = distill(cand, dense, states, threat, ft_cfg, seed=prof.finetune.state_seed)
+            ft = distill_with_dagger(
+                cand, dense, states, threat, ft_cfg, collect, seed=prof.finetune.state_seed
+            )
             u(1)
             cnt = [1]
 
@@ -304,7 +309,24 @@ def finetune_config(prof: Profile) -> FinetuneConfig:
         adversarial_fraction=f.adversarial_fraction,
         adversarial_steps=f.adversarial_steps,
         preserve_certificate=f.preserve_certificate,
+        dagger_rounds=f.dagger_rounds,
     )
+
+
+def student_state_collector(
+    prof: Profile, env_kwargs: dict[str, Any], num_envs: int
+) -> Callable[[Policy], np.ndarray]:
+    """Rolls out a student on the profile's DAgger seeds and returns the states it visits."""
+    start = prof.finetune.state_seed + prof.finetune.state_episodes
+    seeds = list(range(start, start + prof.finetune.dagger_episodes))
+
+    def collect(pol: Policy) -> np.ndarray:
+        _, res = evaluate(pol, prof.env.id, env_kwargs, seeds, num_envs=num_envs,
+                          record_states=True)
+        assert res.states is not None
+        return res.states
+
+    return collect
 
 
 def certify_all(policy: Policy, threat: ThreatModel, prof: Profile) -> dict[str, GlobalCertificate]:
