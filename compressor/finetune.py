@@ -117,8 +117,14 @@ def distill(
                 lo, hi = n_noise, n_noise + n_adv
                 tgt = target[lo:hi]
                 adv = pgd(
-                    lambda z: student.divergence(tgt, student(z)), x[lo:hi], scale, threat.eps,
-                    norm=threat.norm, steps=cfg.adversarial_steps, random_start=True, generator=g,
+                    lambda z: student.divergence(tgt, student(z)),
+                    x[lo:hi],
+                    scale,
+                    threat.eps,
+                    norm=threat.norm,
+                    steps=cfg.adversarial_steps,
+                    random_start=True,
+                    generator=g,
                 )
                 seen = torch.cat([seen[:lo], adv, seen[hi:]])
         return student.divergence(target, student(seen)).mean()
@@ -168,5 +174,6 @@ def distill_with_dagger(
         first = first or stats
         if k < phases - 1:
             data = np.concatenate([data, collect(student)])
-    return FinetuneStats(first.loss_start if first else 0.0, stats.loss_end, cfg.steps,
-                         time.perf_counter() - t0)
+    return FinetuneStats(
+        first.loss_start if first else 0.0, stats.loss_end, cfg.steps, time.perf_counter() - t0
+    )

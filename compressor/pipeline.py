@@ -321,8 +321,9 @@ def student_state_collector(
     seeds = list(range(start, start + prof.finetune.dagger_episodes))
 
     def collect(pol: Policy) -> np.ndarray:
-        _, res = evaluate(pol, prof.env.id, env_kwargs, seeds, num_envs=num_envs,
-                          record_states=True)
+        _, res = evaluate(
+            pol, prof.env.id, env_kwargs, seeds, num_envs=num_envs, record_states=True
+        )
         assert res.states is not None
         return res.states
 

@@ -259,6 +259,9 @@ def sha256_file(path: str | Path) -> str:
 def policy_to_dict(policy: Policy) -> dict[str, Any]:
     """The native, ``weights_only``-loadable representation of a policy."""
     state = {k: v.detach().clone().contiguous() for k, v in policy.state_dict().items()}
+    for k in state:
+        if k.startswith("mask"):  # masks are 0/1: stored as bool (4x smaller), read back as float
+            state[k] = state[k].bool()
     return {
         "format": FORMAT_TAG,
         "version": FORMAT_VERSION,

@@ -48,7 +48,7 @@ def sampled_shift(policy: Policy, x0: torch.Tensor, threat: ThreatModel, k: int)
     return best
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     depth=st.integers(1, 3),
@@ -68,7 +68,7 @@ def test_global_bound_is_never_exceeded(
     threat = ThreatModel(eps, norm, space)
     cert = certify_global(policy, threat)
     x0 = random_states(policy, 16, seed, spread)
-    emp = empirical_search(policy, x0, threat, steps=25, restarts=1, generator=None)
+    emp = empirical_search(policy, x0, threat, steps=20, restarts=1)
     found = np.maximum(emp.shift, sampled_shift(policy, x0, threat, 8).numpy())
     # compare the unsaturated shift; float32 forward passes earn a tiny tolerance
     assert found.max() <= cert.shift_bound * (1 + 1e-4) + 1e-5
@@ -169,7 +169,7 @@ def test_gaussian_tv_matches_monte_carlo_in_3d_and_policy():
     policy = make_policy("gaussian", (4,), "tanh", 2, 3, False)
     with torch.no_grad():
         policy.log_std.copy_(sigma.log())
-    tv = policy.total_variation(mu_a[None], mu_b[None])
+    tv = policy.total_variation(mu_a[None], mu_b[None]).detach()
     assert float(tv) == pytest.approx(float(tv_from_shift("gaussian", delta)), abs=1e-6)
 
 
@@ -181,7 +181,10 @@ def test_gaussian_tv_matches_monte_carlo_in_3d_and_policy():
 )
 def test_categorical_tv_is_below_tanh_of_quarter_oscillation(z, seed, scale):
     a = torch.tensor(z, dtype=torch.float64)
-    b = a + torch.randn(len(z), generator=torch.Generator().manual_seed(seed), dtype=a.dtype) * scale
+    b = (
+        a
+        + torch.randn(len(z), generator=torch.Generator().manual_seed(seed), dtype=a.dtype) * scale
+    )
     tv = 0.5 * float((torch.softmax(a, 0) - torch.softmax(b, 0)).abs().sum())
     osc = float((b - a).max() - (b - a).min())
     assert tv <= float(tv_from_shift("categorical", osc)) + 1e-12 <= min(1.0, osc / 4) + 1e-12

@@ -21,7 +21,10 @@ CARTPOLE = str(REPO / "profiles" / "cartpole.pt")
 def compress(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "compressor.cli", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
     )
 
 
@@ -102,8 +105,17 @@ def test_run_writes_checked_onnx_and_report(tmp_path: Path) -> None:
     prof = tmp_path / "tiny.toml"
     prof.write_text(TINY_PROFILE)
     r = compress(
-        "run", CARTPOLE, "--budget", "0.05", "--profile", str(prof), "--out",
-        str(tmp_path / "runs"), "--name", "t", "--json",
+        "run",
+        CARTPOLE,
+        "--budget",
+        "0.05",
+        "--profile",
+        str(prof),
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "t",
+        "--json",
     )
     assert r.returncode in (0, 4), r.stderr
     report = json.loads(r.stdout)

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy
 from torch import nn
 
 from compressor.errors import CompressorError
@@ -24,6 +23,7 @@ from compressor.importers import resolve_env_id
 from compressor.loading import LoadedPolicy, ValueNet, describe, load_policy, save_loaded
 from compressor.policy import policy_to_dict
 from compressor.rollout import rollout
+from conftest import make_policy
 
 
 class _WriteFile:
