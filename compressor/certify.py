@@ -281,7 +281,7 @@ def output_shift(policy: Policy, clean: torch.Tensor, out: torch.Tensor) -> torc
 
 def as_states(policy: Policy, states: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Validate a (batch, obs_dim) state array and return it as a float32 tensor."""
-    x = torch.as_tensor(np.asarray(states) if not torch.is_tensor(states) else states)
+    x = states if torch.is_tensor(states) else torch.as_tensor(np.asarray(states))
     x = x.detach().to(torch.float32)
     if x.ndim != 2 or x.shape[1] != policy.spec.obs_dim:
         raise CompressorError(

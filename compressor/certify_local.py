@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -90,22 +90,27 @@ def _tanh_upper(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     with ``g(lo) ≥ tanh(lo)`` and ``g(0) ≥ 0``, and ≥ 0 on the concave side, so the line is sound.
     """
     t_lo = torch.tanh(lo)
-
-    def miss(d: Tensor) -> Tensor:  # tangent at d, evaluated at lo, minus tanh(lo); ↑ in d ≥ 0
-        a, b = _tangent("tanh", d)
-        return a * lo + b - t_lo
-
-    chord_ok = (hi <= 0) | (miss(hi.clamp_min(0.0)) <= 0)
-    left, right = torch.zeros_like(lo), hi.clamp_min(0.0)
-    for _ in range(40):
-        mid = 0.5 * (left + right)
-        above = miss(mid) >= 0
-        right, left = torch.where(above, mid, right), torch.where(above, left, mid)
-    a_d, b_d = _tangent("tanh", right)  # `right` keeps miss ≥ 0: the line passes above lo
     a_m, b_m = _tangent("tanh", 0.5 * (lo + hi))
-    a_c, b_c = _chord("tanh", lo, hi)
-    a = torch.where(lo >= 0, a_m, torch.where(chord_ok, a_c, a_d))
-    b = torch.where(lo >= 0, b_m, torch.where(chord_ok, b_c, b_d))
+    a, b = _chord("tanh", lo, hi)
+    a, b = torch.where(lo >= 0, a_m, a), torch.where(lo >= 0, b_m, b)
+    # the tangent at d ≥ 0, evaluated at lo, rises with d; when it already passes above
+    # (lo, tanh lo) at d = hi, the touching point is inside [0, hi] and the chord dips below
+    # the curve near hi
+    a_h, b_h = _tangent("tanh", hi)
+    bent = (lo < 0) & (hi > 0) & (a_h * lo + b_h - t_lo > 0)
+    if bent.any():
+        # bisection only where needed (few neurons straddle 0 at small ε); 30 halvings leave
+        # hi·1e-9 of slack, and keeping the `right` end (line above (lo, tanh lo)) keeps it sound
+        lo_b, t_lo_b = lo[bent], t_lo[bent]
+        left, right = torch.zeros_like(lo_b), hi[bent]
+        for _ in range(30):
+            mid = 0.5 * (left + right)
+            a_mid, b_mid = _tangent("tanh", mid)
+            above = a_mid * lo_b + b_mid - t_lo_b >= 0
+            right, left = torch.where(above, mid, right), torch.where(above, left, mid)
+        a_d, b_d = _tangent("tanh", right)
+        a, b = a.clone(), b.clone()
+        a[bent], b[bent] = a_d, b_d
     return a, b
 
 
@@ -182,26 +187,46 @@ def _step(
     w: Tensor,
     b: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Move a linear bound ``lam·a_j + const`` through ``a_j = σ(h_j)``, ``h_j = W a_{j-1} + b``.
-
-    Positive coefficients take ``relax_pos`` (the upper line for an upper bound), negative ones
-    ``relax_neg``.
+    """Move a per-state linear bound ``lam·a_j + const`` through ``a_j = σ(h_j)``,
+    ``h_j = W a_{j-1} + b``: positive coefficients take ``relax_pos`` (the upper line, for an
+    upper bound), negative ones ``relax_neg``.
     """
     (a_p, b_p), (a_n, b_n) = relax_pos, relax_neg
     pos, neg = lam.clamp_min(0.0), lam.clamp_max(0.0)
     const = const + _dot(pos, b_p + a_p * b) + _dot(neg, b_n + a_n * b)
-    if lam.ndim == 2 and lam.shape[0] > w.shape[1]:
-        # shared coefficients with many rows (identity spec of a wide layer): scaling W's rows
-        # per state keeps the tensors at (B, n_j, n_{j-1}) and the products one big GEMM
-        bsz, nj, nprev = a_p.shape[0], w.shape[0], w.shape[1]
+    return (pos * a_p[:, None, :] + neg * a_n[:, None, :]) @ w, const
 
-        def apply(coef: Tensor, slope: Tensor) -> Tensor:
+
+def _first_step(
+    coef: Tensor, bias: Tensor, relax: tuple[Tensor, Tensor, Tensor, Tensor], w: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_step` for the shared (state-independent) starting coefficients, both sides at once.
+
+    With ``m = (upper + lower)/2`` and ``d = (upper - lower)/2`` lines, ``pos·upper + neg·lower =
+    coef·m + |coef|·d`` and the lower bound flips the sign of the second term: two products
+    instead of four. Returns ``(lam_lower, const_lower, lam_upper, const_upper)``.
+    """
+    al, bl, au, bu = relax
+    a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
+    # intercept of each line after substituting h_j = W a + b
+    c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
+    mag = coef.abs()
+    c_mid, c_rad = c_m @ coef.T, c_d @ mag.T
+    bsz, nj, nprev = a_m.shape[0], w.shape[0], w.shape[1]
+    if coef.shape[0] > nprev:
+        # many rows (identity spec of a wide layer): scale W's rows per state instead, so the
+        # tensors stay (B, n_j, n_{j-1}) and each product is one big GEMM
+
+        def apply(c: Tensor, slope: Tensor) -> Tensor:
             x = (slope[:, :, None] * w).permute(1, 0, 2).reshape(nj, bsz * nprev)
-            return (coef @ x).reshape(-1, bsz, nprev).permute(1, 0, 2)
+            return (c @ x).reshape(-1, bsz, nprev).permute(1, 0, 2)
 
-        return apply(pos, a_p) + apply(neg, a_n), const
-    lam_h = pos * a_p[:, None, :] + neg * a_n[:, None, :]
-    return lam_h @ w, const
+        lam_mid, lam_rad = apply(coef, a_m), apply(mag, a_d)
+    else:
+        lam_mid, lam_rad = (coef * a_m[:, None, :]) @ w, (mag * a_d[:, None, :]) @ w
+    lower = (lam_mid - lam_rad, bias + c_mid - c_rad)
+    upper = (lam_mid + lam_rad, bias + c_mid + c_rad)
+    return lower[0], lower[1], upper[0], upper[1]
 
 
 def _crown(
@@ -214,9 +239,10 @@ def _crown(
     inp: _InputSet,
 ) -> tuple[Tensor, Tensor]:
     """Bounds of ``coef·a_top + bias`` over the input set (``top = -1``: ``coef`` acts on z)."""
-    lam_u = lam_l = coef
-    c_u = c_l = bias
-    for j in range(top, -1, -1):
+    if top < 0:
+        return _concretize(coef, bias, inp)
+    lam_l, c_l, lam_u, c_u = _first_step(coef, bias, relax[top], weights[top], biases[top])
+    for j in range(top - 1, -1, -1):
         al, bl, au, bu = relax[j]
         lam_u, c_u = _step(lam_u, c_u, (au, bu), (al, bl), weights[j], biases[j])
         lam_l, c_l = _step(lam_l, c_l, (al, bl), (au, bu), weights[j], biases[j])
@@ -259,7 +285,8 @@ def _bound_chunk(
                     lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
                 else:
                     lo, hi = c_lo, c_hi
-        relax.append(_relax(name, lo, hi))
+        if method == "crown":  # IBP needs no lines
+            relax.append(_relax(name, lo, hi))
         slopes.append(_max_slope(name, lo, hi))
 
     w_out, b_out = weights[-1], biases[-1]
@@ -373,7 +400,6 @@ class LocalCertificate:
     argmax_certified: np.ndarray | None
     global_shift_bound: float
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Mean, median, p95 and max of the shift and TV bounds and the certified fractions."""

@@ -258,7 +258,7 @@ def certify(
     as_json: JsonOpt = False,
 ) -> None:
     """Certified robustness: the global absolute-product bound (and PGD's empirical TV)."""
-    from compressor.certify import certify_global, empirical_tv
+    from compressor.certify import certify_global
     from compressor.evaluate import evaluate as run_eval
 
     _setup_torch()
@@ -280,28 +280,46 @@ def certify(
     if states > 0:
         import numpy as np
 
-        env_id = prof.env.id
-        eps_needed = max(1, min(20, states // 200))
+        from compressor.state_certificate import certify_states
+
+        n_eps = max(1, min(20, states // 200))
         _, roll = run_eval(
             pol,
-            env_id,
+            prof.env.id,
             dict(prof.env.kwargs or pol.spec.env_kwargs),
-            list(range(20_000, 20_000 + eps_needed)),
+            list(range(20_000, 20_000 + n_eps)),
             record_states=True,
         )
         assert roll.states is not None
         idx = np.random.default_rng(0).permutation(len(roll.states))[:states]
-        tv = np.asarray(empirical_tv(pol, roll.states[idx], threat))
-        data["empirical"] = {
-            "states": int(len(idx)),
-            "tv_mean": float(tv.mean()),
-            "tv_median": float(np.median(tv)),
-            "tv_max": float(tv.max()),
-        }
-        t.add_row(
-            f"empirical TV (PGD) over {len(idx)} visited states: mean / max",
-            f"{tv.mean():.4f} / {tv.max():.4f}",
-        )
+        for method in ("crown", "ibp"):
+            sc = certify_states(
+                pol,
+                roll.states[idx],
+                threat,
+                tau=tau,
+                method=method,
+                empirical_states=min(states, 200) if method == "crown" else 0,
+            )
+            data[f"local_{method}"] = sc
+            loc = sc["local"]
+            t.add_row(
+                f"local {method.upper()} certified TV over {loc['n_states']} visited states: "
+                "median / p95",
+                f"{loc.get('tv_median', float('nan')):.4f} / "
+                f"{loc.get('tv_p95', float('nan')):.4f} ({loc['seconds']:.2f} s)",
+            )
+            if "empirical" in sc:
+                emp = sc["empirical"]
+                t.add_row(
+                    f"empirical (PGD) TV over {emp['n_states']} states: median / max",
+                    f"{emp['tv_median']:.4f} / {emp['tv_max']:.4f}",
+                )
+                t.add_row(
+                    "certified / empirical, median over states (TV; shift)",
+                    f"{sc.get('ratio_tv_median', float('nan')):.2f}; "
+                    f"{sc.get('ratio_shift_median', float('nan')):.2f}",
+                )
     _emit(data, as_json, t)
 
 

@@ -52,6 +52,9 @@ class AttacksSection:
 class CertificateSection:
     tau: float = 0.1
     norms: list[str] = field(default_factory=lambda: ["inf", "2"])
+    states: int = 1000
+    empirical_states: int = 200
+    local_method: str = "crown"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from compressor.progress import Reporter
 from compressor.prune import prune
 from compressor.report import build_report, write_report
 from compressor.search import Budget, Candidate, SearchResult, search_sparsity
+from compressor.state_certificate import certify_states
 from compressor.threat import ThreatModel
 
 
@@ -150,18 +151,6 @@ def run_pipeline(
             on_stage=bump,
         )
         rand_ret = random_action_return(env_id, env_kwargs, seeds, n_envs)
-    with rep.stage("certify dense"):
-        dense_certs = certify_all(dense, threat, prof)
-    dense_cert = dense_certs[threat.norm]
-    screen_dense = _subset(dense_suite, prof.attacks.screen)
-    rule = Budget(
-        budget=budget,
-        dense_clean=dense_suite.clean.stats.mean,
-        dense_robust=screen_dense.robust_return,
-        random_return=rand_ret,
-        dense_lipschitz=dense_cert.lipschitz,
-        max_tv=prof.search.max_tv,
-    )
 
     # ---- states for distillation: the dense policy's own rollouts, on separate seeds --------
     with rep.stage("collect states", total=prof.finetune.state_episodes) as upd:
@@ -179,6 +168,34 @@ def run_pipeline(
         )
     states = states_res.states
     assert states is not None
+    # one fixed sample of the dense policy's states for every local certificate
+    pick = np.random.default_rng(0).permutation(len(states))[: prof.certificate.states]
+    cert_states = states[pick]
+
+    def certify_at_states(pol: Policy) -> dict[str, Any]:
+        return certify_states(
+            pol,
+            cert_states,
+            threat,
+            tau=prof.certificate.tau,
+            method=prof.certificate.local_method,
+            empirical_states=prof.certificate.empirical_states,
+            seed=prof.attacks.seed,
+        )
+
+    with rep.stage("certify dense"):
+        dense_certs = certify_all(dense, threat, prof)
+        dense_local = certify_at_states(dense)
+    dense_cert = dense_certs[threat.norm]
+    screen_dense = _subset(dense_suite, prof.attacks.screen)
+    rule = Budget(
+        budget=budget,
+        dense_clean=dense_suite.clean.stats.mean,
+        dense_robust=screen_dense.robust_return,
+        random_return=rand_ret,
+        dense_lipschitz=dense_cert.lipschitz,
+        max_tv=prof.search.max_tv,
+    )
     ft_cfg = finetune_config(prof)
     collect = student_state_collector(prof, env_kwargs, n_envs)
     journal = run_dir / "journal.jsonl"
@@ -212,6 +229,7 @@ def run_pipeline(
                 on_stage=step,
             )
             cert = certify_global(cand, threat, prof.certificate.tau)
+            local = certify_at_states(cand)
         c = Candidate(
             target_sparsity=sparsity,
             sparsity=cand.sparsity(),
@@ -221,6 +239,7 @@ def run_pipeline(
             params_nonzero=cand.num_parameters(nonzero_only=True),
             reasons=rule.check(suite, cert),
             wall_s=time.perf_counter() - t0,
+            local=local,
             policy=cand,
         )
         with open(journal, "a") as fh:  # one finished candidate per line
@@ -277,6 +296,7 @@ def run_pipeline(
             "certificates": chosen_certs,
             "candidate": chosen,
             "export": exported,
+            "local": chosen.local,
         }
     rep.timings["total"] = time.perf_counter() - t_start
     report = build_report(
@@ -287,6 +307,7 @@ def run_pipeline(
         rule=rule,
         dense_suite=dense_suite,
         dense_certs=dense_certs,
+        dense_local=dense_local,
         search=result,
         chosen=chosen_block,
         timings=rep.timings,

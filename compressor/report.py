@@ -75,6 +75,7 @@ def build_report(
     rule: Budget,
     dense_suite: SuiteResult,
     dense_certs: dict[str, GlobalCertificate],
+    dense_local: dict[str, Any] | None,
     search: SearchResult,
     chosen: dict[str, Any] | None,
     timings: dict[str, float],
@@ -92,6 +93,7 @@ def build_report(
         dense.num_parameters(nonzero_only=True),
     )
     dense_block["file_bytes"] = src_file.stat().st_size if src_file.exists() else None
+    dense_block["local_certificate"] = dense_local
     chosen_block = None
     if chosen is not None:
         pol, exp = chosen["policy"], chosen["export"]
@@ -104,6 +106,7 @@ def build_report(
             pol.num_parameters(nonzero_only=True),
         )
         chosen_block["finetune"] = cand.finetune.to_dict() if cand.finetune else None
+        chosen_block["local_certificate"] = chosen.get("local")
         chosen_block["final_check"] = rule.check(
             chosen["suite"], chosen["certificates"][threat.norm]
         )
@@ -133,6 +136,8 @@ def build_report(
             "tv_bound": c.certificate.tv_bound,
             "certified_radius": c.certificate.to_dict()["certified_radius"],
             "params_nonzero": c.params_nonzero,
+            "local_tv_median": (c.local or {}).get("local", {}).get("tv_median"),
+            "empirical_tv_median": (c.local or {}).get("empirical", {}).get("tv_median"),
             "passed": c.passed,
             "reasons": c.reasons,
             "wall_s": round(c.wall_s, 2),

@@ -100,6 +100,7 @@ class Candidate:
     :param certificate: the global certificate under the run's threat model.
     :param finetune: fine-tuning statistics. :param params_nonzero: non-zero parameters.
     :param reasons: why it fails the budget (empty: it passes). :param wall_s: seconds.
+    :param local: local (per-state) certificate vs PGD at the dense policy's visited states.
     :param policy: the candidate policy itself (not serialised).
     """
 
@@ -111,6 +112,7 @@ class Candidate:
     params_nonzero: int
     reasons: list[str]
     wall_s: float
+    local: dict[str, Any] | None = None
     policy: Policy | None = field(default=None, repr=False)
 
     @property
@@ -129,6 +131,7 @@ class Candidate:
             "certificate": self.certificate.to_dict(),
             "finetune": self.finetune.to_dict() if self.finetune else None,
             "params_nonzero": self.params_nonzero,
+            "local_certificate": self.local,
             "wall_s": round(self.wall_s, 3),
         }
 

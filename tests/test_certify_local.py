@@ -1,0 +1,181 @@
+"""Local (per-state) certificates: relaxations, soundness against PGD, CROWN vs IBP vs global."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from test_certify import HEADS, random_states, sampled_shift
+
+from compressor.attacks.pgd import pgd
+from compressor.certify import certify_global, empirical_search
+from compressor.certify_local import _act, _relax, certify_local, output_bounds
+from compressor.errors import CompressorError
+from compressor.threat import ThreatModel, sample_ball
+from conftest import make_policy
+
+TOL_REL, TOL_ABS = 1e-4, 1e-5  # float32 policy vs float64 bounds
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny networks gain nothing from intra-op threads, and on a shared 2-core machine the
+    # oversubscribed thread pool slowed these tests more than tenfold
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    activation=st.sampled_from(["tanh", "relu", "elu"]),
+    lo=st.floats(-6, 6),
+    width=st.sampled_from([0.0, 1e-12, 1e-6, 0.01, 0.5, 2.0, 8.0]),
+)
+@example(activation="tanh", lo=-3.0, width=8.0)  # straddles 0, chord cuts the curve near hi
+@example(activation="tanh", lo=-5.0, width=5.5)  # ... and near lo for the lower line
+@example(activation="tanh", lo=-0.3, width=0.5)  # straddles 0, chord valid
+def test_relaxation_lines_enclose_the_activation(activation, lo, width):
+    l_t = torch.tensor([lo], dtype=torch.float64)
+    h_t = l_t + width
+    al, bl, au, bu = _relax(activation, l_t, h_t)
+    x = torch.linspace(lo, lo + width, 2001, dtype=torch.float64)
+    y = _act(activation, x)
+    assert (al * x + bl <= y + 1e-12).all()
+    assert (au * x + bu >= y - 1e-12).all()
+
+
+def perturbed_outputs(policy, x0, threat, k=8):
+    """Head outputs at uniform samples of each state's ball (k per state), shape (k, N, out)."""
+    g = torch.Generator().manual_seed(2)
+    scale = threat.scale(policy)
+    with torch.no_grad():
+        return torch.stack(
+            [
+                policy(x0 + sample_ball(tuple(x0.shape), threat.eps, threat.norm, g) * scale)
+                for _ in range(k)
+            ]
+        ).double()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    depth=st.integers(1, 3),
+    width=st.integers(3, 32),
+    activation=st.sampled_from(["tanh", "relu", "elu"]),
+    head=st.sampled_from(HEADS),
+    obs_norm=st.booleans(),
+    space=st.sampled_from(["normalized", "raw"]),
+    norm=st.sampled_from(["inf", "2"]),
+    eps=st.sampled_from([0.01, 0.1, 0.5]),
+    spread=st.sampled_from([1.0, 30.0]),
+)
+def test_local_bounds_are_sound_and_below_global(
+    seed, depth, width, activation, head, obs_norm, space, norm, eps, spread
+):
+    policy = make_policy(head, (width,) * depth, activation, 5, 3, obs_norm, seed)
+    threat = ThreatModel(eps, norm, space)
+    x0 = random_states(policy, 12, seed, spread)
+    emp = empirical_search(policy, x0, threat, steps=20, restarts=1)
+    found = np.maximum(emp.shift, sampled_shift(policy, x0, threat, 8).numpy())
+    glob = certify_global(policy, threat)
+    outs = perturbed_outputs(policy, x0, threat)
+    for method in ("crown", "ibp"):
+        cert = certify_local(policy, x0, threat, method)
+        assert (found <= cert.shift_bound * (1 + TOL_REL) + TOL_ABS).all()
+        assert (cert.shift_bound <= glob.shift_bound * (1 + 1e-12)).all()
+        if cert.tv_bound is not None:
+            assert (emp.tv <= cert.tv_bound + TOL_ABS).all()
+        # pure CROWN too: intersecting with IBP must not be what hides a wrong relaxation
+        for intersect in (True, False):
+            lo, hi = output_bounds(policy, x0, threat, method, intersect=intersect)
+            assert (outs >= lo - TOL_ABS - TOL_REL * lo.abs()).all()
+            assert (outs <= hi + TOL_ABS + TOL_REL * hi.abs()).all()
+        if cert.argmax_certified is not None:
+            with torch.no_grad():
+                clean = policy(x0).argmax(-1)
+            same = (outs.argmax(-1) == clean).all(0).numpy()
+            assert same[cert.argmax_certified].all()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_output_bounds_hold_against_per_coordinate_pgd(activation, norm):
+    policy = make_policy("gaussian", (24, 24), activation, 6, 3, True, seed=5)
+    threat = ThreatModel(0.2, norm)
+    x0 = random_states(policy, 32, 0)
+    lo, hi = output_bounds(policy, x0, threat, "crown")
+    scale = threat.scale(policy)
+    for i in range(3):
+        for sign, bound in ((1.0, hi[:, i]), (-1.0, -lo[:, i])):
+
+            def objective(x, i=i, sign=sign):
+                return sign * policy(x)[:, i]
+
+            x = pgd(objective, x0, scale, threat.eps, norm=norm, steps=30, random_start=True)
+            with torch.no_grad():
+                reached = sign * policy(x)[:, i].double()
+            assert (reached <= bound + TOL_ABS).all()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+def test_crown_is_tighter_than_ibp(activation):
+    policy = make_policy("gaussian", (32, 32, 32), activation, 6, 3, True, seed=11)
+    threat = ThreatModel(0.1)
+    x0 = random_states(policy, 64, 1)
+    ibp_lo, ibp_hi = output_bounds(policy, x0, threat, "ibp")
+    pure_lo, pure_hi = output_bounds(policy, x0, threat, "crown", intersect=False)
+    lo, hi = output_bounds(policy, x0, threat, "crown")
+    # pure CROWN is not always tighter per coordinate, but it is on average (much)
+    assert float((pure_hi - pure_lo).mean()) < 0.7 * float((ibp_hi - ibp_lo).mean())
+    assert (lo >= ibp_lo - 1e-12).all() and (hi <= ibp_hi + 1e-12).all()
+    crown = certify_local(policy, x0, threat, "crown").shift_bound
+    ibp = certify_local(policy, x0, threat, "ibp").shift_bound
+    assert (crown <= ibp + 1e-12).mean() > 0.9 and np.median(crown) < np.median(ibp)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_linear_policy_bound_is_attained(norm):
+    policy = make_policy("gaussian", (), "tanh", 6, 1, True, seed=3)
+    threat = ThreatModel(0.05, norm, "raw")
+    x0 = random_states(policy, 4, 0, 0.5)
+    emp = empirical_search(policy, x0, threat, steps=40)
+    for method in ("crown", "ibp"):
+        cert = certify_local(policy, x0, threat, method)
+        np.testing.assert_allclose(cert.shift_bound, emp.shift, rtol=1e-3)
+
+
+def test_categorical_argmax_and_summary():
+    policy = make_policy("categorical", (16, 16), "relu", 4, 3, True, seed=4)
+    x0 = random_states(policy, 50, 0)
+    tiny = certify_local(policy, x0, ThreatModel(1e-4))
+    huge = certify_local(policy, x0, ThreatModel(5.0))
+    assert tiny.argmax_certified.mean() > 0.9 and huge.argmax_certified.mean() < 0.5
+    d = json.loads(json.dumps(tiny.to_dict(per_state=True)))
+    assert d["n_states"] == 50 and len(d["shift_bound"]) == 50 and d["method"] == "crown"
+    assert d["frac_argmax_certified"] == pytest.approx(tiny.argmax_certified.mean())
+    for key in ("tv_mean", "tv_median", "tv_p95", "frac_tv_le_tau", "shift_p95"):
+        assert key in d
+    assert d["tv_p95"] <= d["tv_max"] <= 1.0
+
+
+def test_single_action_and_chunking_and_errors():
+    one = make_policy("categorical", (8,), "tanh", 4, 1, False)
+    cert = certify_local(one, random_states(one, 5, 0), ThreatModel(0.5))
+    assert (cert.shift_bound == 0).all() and cert.argmax_certified.all()
+    policy = make_policy("deterministic", (8, 8), "elu", 4, 2, True)
+    x0 = random_states(policy, 23, 0)
+    a = certify_local(policy, x0, ThreatModel(0.1, "2"), chunk_size=5)
+    b = certify_local(policy, x0, ThreatModel(0.1, "2"))
+    np.testing.assert_allclose(a.shift_bound, b.shift_bound, rtol=1e-12)
+    assert a.tv_bound is None and a.to_dict()["n_states"] == 23
+    with pytest.raises(CompressorError):
+        certify_local(policy, x0, ThreatModel(0.1), method="lirpa")
+    with pytest.raises(CompressorError):
+        certify_local(policy, x0[:, :3], ThreatModel(0.1))
