@@ -189,6 +189,14 @@ class GlobalCertificate:
             return "mahalanobis_shift"
         return "logit_oscillation" if self.head == "categorical" else "action_deviation_l2"
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GlobalCertificate:
+        """Inverse of :meth:`to_dict`."""
+        fields = {k: v for k, v in d.items() if k not in ("shift_name", "radius_unbounded")}
+        if d.get("radius_unbounded"):
+            fields["certified_radius"] = math.inf
+        return cls(**fields)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (an infinite radius becomes None with ``radius_unbounded``)."""
         d = asdict(self)

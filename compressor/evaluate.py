@@ -37,6 +37,11 @@ class EvalResult:
     steps: int
     wall_s: float
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        """Inverse of :meth:`to_dict` (JSON floats round-trip exactly)."""
+        return cls(d["attack"], ReturnStats(**d["return"]), d["mean_tv"], d["steps"], d["wall_s"])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {
@@ -74,6 +79,12 @@ class SuiteResult:
         if not self.attacks:
             return None
         return min(self.attacks, key=lambda k: self.attacks[k].stats.mean)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], threat: ThreatModel | None = None) -> SuiteResult:
+        """Inverse of :meth:`to_dict`."""
+        attacks = {k: EvalResult.from_dict(v) for k, v in d["attacks"].items()}
+        return cls(EvalResult.from_dict(d["clean"]), attacks, threat)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

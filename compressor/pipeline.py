@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from compressor import atomic
 from compressor.certify import GlobalCertificate, certify_global
 from compressor.config import Profile, Target, load_profile, profile_for_env
 from compressor.envs import check_policy_fits_env
@@ -26,6 +25,7 @@ from compressor.errors import CompressorError
 from compressor.evaluate import SuiteResult, evaluate, evaluate_suite, random_action_return
 from compressor.export import export_onnx
 from compressor.finetune import FinetuneConfig, distill_with_dagger
+from compressor.journal import Journal, open_run_dir
 from compressor.loading import LoadedPolicy, load_policy
 from compressor.policy import Policy, save_policy
 from compressor.progress import Reporter
@@ -68,16 +68,6 @@ def resolve_profile(loaded: LoadedPolicy, profile: str | None, reporter: Reporte
     if not prof.env.id:
         raise CompressorError("the policy names no environment: pass a --profile with [env] id")
     return prof
-
-
-def new_run_dir(root: Path, name: str) -> Path:
-    """``root/name``, or ``root/name-2``, ``-3``… if it already holds a run."""
-    path, i = root / name, 1
-    while path.exists() and any(path.iterdir()):
-        i += 1
-        path = root / f"{name}-{i}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _env_kwargs(prof: Profile, policy: Policy) -> dict[str, Any]:
@@ -124,11 +114,17 @@ def run_pipeline(
     threat = ThreatModel(prof.threat.eps, prof.threat.norm, prof.threat.space)
     seeds = prof.seeds()
     n_envs = prof.evaluation.num_envs
-    run_dir = new_run_dir(Path(out_root), name or Path(src).stem)
-    atomic.write_json(
-        run_dir / "config.json",
-        {"source": str(src), "budget": budget, "profile": prof.to_dict(), "target": tgt.to_dict()},
-    )
+    run_config = {
+        "source_sha256": loaded.sha256,
+        "budget": budget,
+        "profile": {k: v for k, v in prof.to_dict().items() if k != "path"},
+        "target": {k: v for k, v in tgt.to_dict().items() if k != "path"},
+    }
+    run_dir, resumed = open_run_dir(Path(out_root), name or Path(src).stem, run_config)
+    journal = Journal(run_dir)
+    finished = journal.load()
+    if resumed:
+        rep.info(f"resuming {run_dir}: {len(finished)} candidate(s) already finished")
 
     # ---- dense: evaluate (clean + every attack of the suite) and certify ---------------------
     attacks_all = list(dict.fromkeys(prof.attacks.screen + prof.attacks.final))
@@ -198,9 +194,14 @@ def run_pipeline(
     )
     ft_cfg = finetune_config(prof)
     collect = student_state_collector(prof, env_kwargs, n_envs)
-    journal = run_dir / "journal.jsonl"
 
     def evaluate_at(sparsity: float) -> Candidate:
+        if Journal.key(sparsity) in finished:
+            c = finished[Journal.key(sparsity)]
+            rep.info(
+                f"  sparsity {c.sparsity:.3f}: from the journal ({'pass' if c.passed else 'fail'})"
+            )
+            return c
         t0 = time.perf_counter()
         with rep.stage(f"search: sparsity {sparsity:.3f}", total=len(prof.attacks.screen) + 2) as u:
             cand = prune(
@@ -242,8 +243,7 @@ def run_pipeline(
             local=local,
             policy=cand,
         )
-        with open(journal, "a") as fh:  # one finished candidate per line
-            fh.write(json.dumps(c.to_dict()) + "\n")
+        journal.record(c)
         verdict = "[green]pass[/green]" if c.passed else f"[red]fail[/red]: {'; '.join(c.reasons)}"
         rep.info(
             f"  sparsity {c.sparsity:.3f}: clean {suite.clean.stats.mean:.1f}, robust "

@@ -120,6 +120,22 @@ class Candidate:
         """Whether the candidate meets the budget."""
         return not self.reasons
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], policy: Policy | None = None) -> Candidate:
+        """Inverse of :meth:`to_dict` (the policy is stored beside the journal)."""
+        return cls(
+            target_sparsity=d["target_sparsity"],
+            sparsity=d["sparsity"],
+            suite=SuiteResult.from_dict(d["evaluation"]),
+            certificate=GlobalCertificate.from_dict(d["certificate"]),
+            finetune=FinetuneStats(**d["finetune"]) if d.get("finetune") else None,
+            params_nonzero=d["params_nonzero"],
+            reasons=list(d["reasons"]),
+            wall_s=d["wall_s"],
+            local=d.get("local_certificate"),
+            policy=policy,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (without the policy)."""
         return {
