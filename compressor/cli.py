@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -484,6 +485,8 @@ def train(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a distinct exit code."""
+    # torch warns about the pickle protocol of files it then reads fine or refuses cleanly
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
     try:
         app()
     except CompressorError as exc:

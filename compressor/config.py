@@ -154,7 +154,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
-    text = str(hint)
+    text = getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
+    text = text or str(hint)
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:

@@ -79,6 +79,21 @@ def torch_load_safe(src: bytes | Path, origin: str) -> Any:
                 "tensors and plain containers (nothing was executed; do not use this file if "
                 "you did not make it)"
             ) from None
+        if "Weights only load failed" in text:
+            # a bare pickle (not torch's zip format): name the code it would have called
+            from compressor.importers.safe_pickle import referenced_globals
+
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            names = sorted({f"{m}.{n}" for m, n in referenced_globals(data)})
+            if names:
+                raise CompressorError(
+                    f"refused to load {origin}: it is a pickle referencing {', '.join(names)}; "
+                    "policy files may only contain tensors and plain containers (nothing was "
+                    "executed; do not use this file if you did not make it)"
+                ) from None
+            last = [ln for ln in text.splitlines() if ln.strip()][-2:-1] or ["unsupported"]
+            msg = f"{origin}: not a loadable torch file ({last[0][:120]})"
+            raise CompressorError(msg) from None
         detail = text.splitlines()[0][:160] if text else type(exc).__name__
         raise CompressorError(f"{origin}: truncated or corrupt torch file ({detail})") from None
 
