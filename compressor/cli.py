@@ -375,6 +375,13 @@ def export(
     src: Annotated[str, typer.Argument(help="Policy file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
     target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    sparse_storage: Annotated[
+        bool | None,
+        typer.Option(
+            "--sparse-storage/--dense-storage",
+            help="Store sparse weights as bitmask + values (default: the target's setting).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export one ONNX graph (normalise, clip, MLP, deterministic action, action clip)."""
@@ -385,12 +392,16 @@ def export(
 
     loaded = _load(src)
     tgt = load_target(target)
-    res = export_onnx(loaded.policy.eval(), output, metadata={"target": tgt.name}, opset=tgt.opset)
-    _emit(
-        {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(res).items()},
-        as_json,
-        None,
+    res = export_onnx(
+        loaded.policy.eval(),
+        output,
+        metadata={"target": tgt.name},
+        opset=tgt.opset,
+        sparse_storage=tgt.sparse_storage if sparse_storage is None else sparse_storage,
     )
+    data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(res).items()}
+    data["weight_storage_note"] = res.weight_storage_note
+    _emit(data, as_json, None)
 
 
 # ---- policies ---------------------------------------------------------------------------------

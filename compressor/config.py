@@ -113,7 +113,11 @@ class Profile:
 
 @dataclass
 class Target:
-    """A deployment target: runtime providers, opset, precision, threads, latency budget."""
+    """A deployment target: runtime providers, opset, precision, threads, latency budget.
+
+    ``sparse_storage`` stores sparse weight matrices as bitmask + non-zero values in the ONNX
+    file (smaller download and flash footprint; the runtime rebuilds them dense at start).
+    """
 
     name: str = "cpu-x86"
     description: str = ""
@@ -123,6 +127,7 @@ class Target:
     threads: int = 1
     batch_size: int = 1
     latency_budget_ms: float | None = None
+    sparse_storage: bool = False
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class ExportResult:
         for categorical heads the largest gap between the torch logits of torch's action and of
         onnxruntime's, 0 when every action agrees); NaN when parity was not checked.
     :param parity_batches: batch sizes checked (empty when parity was not checked).
+    :param weight_storage: ``dense`` or ``bitmask`` (sparse storage, decoded in the graph).
     """
 
     path: Path
@@ -84,6 +85,14 @@ class ExportResult:
     removed_neurons: int
     parity_max_abs_err: float
     parity_batches: list[int] = field(default_factory=lambda: list(PARITY_BATCHES))
+    weight_storage: str = "dense"
+
+    @property
+    def weight_storage_note(self) -> str:
+        """What the runtime does with the weights as stored."""
+        if self.weight_storage == "bitmask":
+            return SPARSE_STORAGE_NOTE
+        return "dense float32 initialisers: zeros are stored and multiplied like any weight"
 
 
 # ---- graph --------------------------------------------------------------------------------------
@@ -93,6 +102,7 @@ def build_model(
     metadata: Mapping[str, Any] | None = None,
     opset: int = 17,
     compact: bool = True,
+    sparse_storage: bool = False,
 ) -> tuple[onnx.ModelProto, int, int]:
     """The checked ONNX model of ``policy``'s deterministic action (nothing is written).
 
@@ -100,6 +110,9 @@ def build_model(
     :param metadata: extra metadata props; non-string values are stored as JSON.
     :param opset: default-domain opset, 13 up to what the installed ``onnx`` knows.
     :param compact: physically remove dead hidden neurons (see :mod:`compressor.compact`).
+    :param sparse_storage: store each weight matrix that is sparse enough for it to pay as a
+        bitmask plus its non-zero values, decoded by the graph itself (see
+        :func:`_sparse_weight`); the file shrinks, the computed actions are identical.
     :returns: ``(model, params_exported, removed_neurons)``.
     """
     spec = policy.spec
@@ -137,8 +150,12 @@ def build_model(
         x = node("Clip", [x, const("obs_clip_min", -c), const("obs_clip_max", c)], "obs_clipped")
     last = len(layers) - 1
     for i, (w, b) in enumerate(layers):
+        if sparse_storage and sparse_saves_bytes(w):
+            w_name = _sparse_weight(f"W{i}", np.asarray(w, dtype=np.float32), inits, node)
+        else:
+            w_name = const(f"W{i}", w)
         # Gemm with transB keeps nn.Linear's (out, in) layout and is one kernel per layer.
-        x = node("Gemm", [x, const(f"W{i}", w), const(f"b{i}", b)], f"linear{i}", transB=1)
+        x = node("Gemm", [x, w_name, const(f"b{i}", b)], f"linear{i}", transB=1)
         if i < last:
             x = node(_ACT_OPS[spec.activation], [x], f"{spec.activation}{i}")
     out_type, out_shape = _head(policy, x, node, const)
@@ -177,6 +194,69 @@ def build_model(
         raise CompressorError(f"built an invalid ONNX model: {str(exc).splitlines()[0]}") from None
     params = sum(w.size + b.size for w, b in layers)
     return model, int(params), removed
+
+
+# ---- sparse weight storage ----------------------------------------------------------------------
+SPARSE_STORAGE_NOTE = (
+    "sparse weights are stored as a bitmask plus the non-zero values and decoded to dense "
+    "matrices by the graph itself (BitShift, Mod, CumSum, Gather); onnxruntime folds that "
+    "constant subgraph into dense initialisers when the session starts, so only the file "
+    "shrinks: memory and latency at run time are those of the dense (compacted) model"
+)
+
+
+def sparse_storage_bytes(w: np.ndarray) -> int:
+    """Bytes of ``w`` stored as a bitmask and its non-zero values (plus one padding zero)."""
+    return (int(w.size) + 7) // 8 + 4 * (int(np.count_nonzero(w)) + 1)
+
+
+def sparse_saves_bytes(w: Any) -> bool:
+    """Whether bitmask storage of ``w`` is smaller than its dense float32 bytes."""
+    arr = np.asarray(w)
+    return sparse_storage_bytes(arr) < 4 * arr.size
+
+
+def decode_sparse_weight(mask: np.ndarray, values: np.ndarray, shape: Any) -> np.ndarray:
+    """The dense matrix that :func:`_sparse_weight`'s nodes rebuild (numpy, for readers)."""
+    size = int(np.prod(shape))
+    bits = np.unpackbits(np.asarray(mask, np.uint8), bitorder="little")[:size].astype(bool)
+    out = np.zeros(size, dtype=np.asarray(values).dtype)
+    out[bits] = np.asarray(values)[: int(bits.sum())]
+    return out.reshape(tuple(int(d) for d in shape))
+
+
+def _sparse_weight(name: str, w: np.ndarray, inits: list[TensorProto], node: Any) -> str:
+    """Add ``w`` as bitmask + values initialisers and the nodes that rebuild it; its name.
+
+    ``mask`` bit ``k`` of byte ``j`` (little-endian bit order) says whether flat entry
+    ``8j + k`` is non-zero; ``values`` holds the non-zero entries in row-major order followed by
+    one zero. The dense matrix is ``values[cumsum(m) * m - 1]``: a non-zero entry maps to its
+    rank among non-zeros, a zero entry to index ``-1``, the padding zero. Every op is in the
+    default domain since opset 13, so older runtimes read it too.
+    """
+    flat = w.reshape(-1)
+    bits = flat != 0
+    values = np.concatenate([flat[bits], np.zeros(1, np.float32)]).astype(np.float32)
+    inits.append(numpy_helper.from_array(np.packbits(bits, bitorder="little"), f"{name}_mask"))
+    inits.append(numpy_helper.from_array(values, f"{name}_values"))
+    inits.append(numpy_helper.from_array(np.arange(8, dtype=np.uint8), f"{name}_shifts"))
+    inits.append(numpy_helper.from_array(np.array([2], np.uint8), f"{name}_two"))
+    inits.append(numpy_helper.from_array(np.array([w.size], np.int64), f"{name}_size"))
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), f"{name}_axis0"))
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{name}_axis1"))
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), f"{name}_flat"))
+    inits.append(numpy_helper.from_array(np.array(w.shape, np.int64), f"{name}_shape"))
+    x = node("Unsqueeze", [f"{name}_mask", f"{name}_axis1"], f"{name}_mask_col")
+    x = node("BitShift", [x, f"{name}_shifts"], f"{name}_shifted", direction="RIGHT")
+    x = node("Mod", [x, f"{name}_two"], f"{name}_bits")
+    x = node("Reshape", [x, f"{name}_flat"], f"{name}_bits_flat")
+    x = node("Slice", [x, f"{name}_axis0", f"{name}_size", f"{name}_axis0"], f"{name}_bits_used")
+    m = node("Cast", [x], f"{name}_m", to=TensorProto.INT64)
+    c = node("CumSum", [m, f"{name}_axis0"], f"{name}_rank1")
+    c = node("Mul", [c, m], f"{name}_rank_masked")
+    c = node("Sub", [c, f"{name}_axis1"], f"{name}_index")
+    x = node("Gather", [f"{name}_values", c], f"{name}_flat_dense", axis=0)
+    return str(node("Reshape", [x, f"{name}_shape"], name))
 
 
 def _head(policy: Policy, x: str, node: Any, const: Any) -> tuple[int, list[Any]]:
@@ -292,6 +372,7 @@ def export_onnx(
     opset: int = 17,
     compact: bool = True,
     check_parity: bool = True,
+    sparse_storage: bool = False,
 ) -> ExportResult:
     """Write ``policy`` as one self-contained ONNX file, atomically, checked against torch.
 
@@ -310,12 +391,16 @@ def export_onnx(
         matmuls (onnxruntime gains nothing from unstructured zeros).
     :param check_parity: compare onnxruntime's actions with ``policy.act`` at batch 1, 2 and 7,
         on typical and far-out observations; a mismatch raises :class:`CompressorError`.
+    :param sparse_storage: store sparse weight matrices as bitmask + non-zero values, decoded
+        in the graph (:data:`SPARSE_STORAGE_NOTE` says what the runtime does with them).
     :returns: what was written, with its size, hash, parameter counts and parity error.
     """
     final = Path(path)
     if final.is_dir():
         raise CompressorError(f"{final} is a folder; give a file name such as policy.onnx")
-    model, params, removed = build_model(policy, metadata=metadata, opset=opset, compact=compact)
+    model, params, removed = build_model(
+        policy, metadata=metadata, opset=opset, compact=compact, sparse_storage=sparse_storage
+    )
     data = model.SerializeToString()
     err = math.nan
 
@@ -340,6 +425,7 @@ def export_onnx(
         removed_neurons=removed,
         parity_max_abs_err=err,
         parity_batches=list(PARITY_BATCHES) if check_parity else [],
+        weight_storage="bitmask" if sparse_storage else "dense",
     )
 
 
@@ -503,6 +589,9 @@ def graph_layer_shapes(path: str | Path) -> list[tuple[int, ...]]:
     """
     model = onnx.load(str(path), load_external_data=False)
     shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    for t in model.graph.initializer:  # sparse storage: the dense shape is an initialiser
+        if t.name.endswith("_shape") and t.name[:-6] not in shapes:
+            shapes[t.name[:-6]] = tuple(int(v) for v in numpy_helper.to_array(t))
     out: list[tuple[int, ...]] = []
     while f"W{len(out)}" in shapes:
         out.append(shapes[f"W{len(out)}"])

@@ -289,7 +289,13 @@ def run_pipeline(
                 "source_sha256": loaded.sha256 or "",
                 "profile": prof.name,
             }
-            exported = export_onnx(pol, run_dir / "policy.onnx", metadata=meta, opset=tgt.opset)
+            exported = export_onnx(
+                pol,
+                run_dir / "policy.onnx",
+                metadata=meta,
+                opset=tgt.opset,
+                sparse_storage=tgt.sparse_storage,
+            )
         chosen_block = {
             "policy": pol,
             "suite": final_suite,

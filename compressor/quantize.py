@@ -69,7 +69,13 @@ from compressor.certify import (
 )
 from compressor.errors import CompressorError
 from compressor.evaluate import EvalResult, SuiteResult
-from compressor.export import load_onnx_session, onnx_act, parity_error, parity_observations
+from compressor.export import (
+    decode_sparse_weight,
+    load_onnx_session,
+    onnx_act,
+    parity_error,
+    parity_observations,
+)
 from compressor.policy import Policy
 from compressor.rollout import rollout
 from compressor.stats import summarize_returns
@@ -184,6 +190,11 @@ class QuantGraph:
         return int(sum(2 * la.weight.size for la in self.layers))
 
 
+# what export.py's bitmask storage decodes weights with (constant subgraphs only)
+_DECODE_OPS = {"Unsqueeze", "BitShift", "Mod", "Reshape", "Slice", "Cast", "CumSum", "Mul", "Sub"}
+_DECODE_OPS.add("Gather")
+
+
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
@@ -218,6 +229,9 @@ def read_quantized(model: onnx.ModelProto | str | Path) -> QuantGraph:
         n = producer.get(name)
         if n is None:
             return None
+        sparse = [f"{name}_{part}" for part in ("mask", "values", "shape")]
+        if n.op_type == "Reshape" and all(p in inits for p in sparse):  # bitmask storage
+            return decode_sparse_weight(*(inits[p] for p in sparse)).astype(np.float64)
         if n.op_type == "Cast":
             x = const(n.input[0])
             return None if x is None else x.astype(np.float64)
@@ -242,6 +256,8 @@ def read_quantized(model: onnx.ModelProto | str | Path) -> QuantGraph:
             return {"float16": "fp16", "int8": "int8", "uint8": "int8"}.get(
                 str(inits[name].dtype), "fp32"
             )
+        if n.op_type == "Reshape" and f"{name}_mask" in inits:
+            return "fp32-bitmask"
         return "int8" if n.op_type == "DequantizeLinear" else storage(n.input[0])
 
     def only_consumer(name: str, op: str) -> onnx.NodeProto:
@@ -258,7 +274,14 @@ def read_quantized(model: onnx.ModelProto | str | Path) -> QuantGraph:
             raise CompressorError(f"cannot read the graph: no constant bias after {name!r}")
         return b.astype(np.float64), add.output[0]
 
-    unknown = sorted({n.op_type for n in g.node} - _KNOWN_OPS)
+    # Nodes computed from initialisers alone (the bitmask weight decoding of sparse storage)
+    # are exact integer and indexing ops; the weights they produce are read through ``const``.
+    constant = set(inits)
+    for n in g.node:
+        if n.op_type in _DECODE_OPS and all(i in constant for i in n.input if i):
+            constant.update(n.output)
+    live = [n for n in g.node if not (n.op_type in _DECODE_OPS and set(n.output) <= constant)]
+    unknown = sorted({n.op_type for n in live} - _KNOWN_OPS)
     if unknown:  # e.g. fused integer kernels whose rounding this module does not model
         raise CompressorError(f"cannot read the graph: unexpected operators {unknown}")
 

@@ -122,6 +122,8 @@ def build_report(
             "removed_neurons": exp.removed_neurons,
             "parity_max_abs_err": exp.parity_max_abs_err,
             "parity_batches": exp.parity_batches,
+            "weight_storage": exp.weight_storage,
+            "weight_storage_note": exp.weight_storage_note,
         }
     frontier = [
         {

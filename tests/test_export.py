@@ -388,3 +388,42 @@ def test_nan_weights_rejected(tmp_path: Path) -> None:
     with pytest.raises(CompressorError, match="NaN"):
         export_onnx(policy, tmp_path / "p.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("opset", [13, 17])
+def test_sparse_storage_is_smaller_and_exact(tmp_path: Path, head: str, opset: int) -> None:
+    from compressor.export import decode_sparse_weight, sparse_saves_bytes
+    from compressor.quantize import read_quantized
+
+    pol = make_policy(head, hidden=(64, 64), obs_dim=32, act_dim=8, seed=3)
+    g = torch.Generator().manual_seed(0)  # scattered zeros: compaction removes nothing
+    pol.set_masks([(torch.rand(m.shape, generator=g) > 0.7).float() for m in pol.masks()])
+    dense = export_onnx(pol, tmp_path / "dense.onnx", opset=opset)
+    sparse = export_onnx(pol, tmp_path / "sparse.onnx", opset=opset, sparse_storage=True)
+    assert sparse.weight_storage == "bitmask" and "dense" in sparse.weight_storage_note
+    assert sparse.file_bytes < 0.6 * dense.file_bytes
+    assert sparse.parity_max_abs_err <= 1e-5
+    _assert_matches(pol, tmp_path / "sparse.onnx")
+    assert graph_layer_shapes(tmp_path / "sparse.onnx") == graph_layer_shapes(
+        tmp_path / "dense.onnx"
+    )
+    # the weights read back from the file are exactly the exported ones
+    a, b = read_quantized(tmp_path / "dense.onnx"), read_quantized(tmp_path / "sparse.onnx")
+    for la, lb in zip(a.layers, b.layers):
+        assert np.array_equal(la.weight, lb.weight)
+    assert any(la.storage == "fp32-bitmask" for la in b.layers)
+    # a dense matrix is left dense: storing it as a bitmask would only grow the file
+    w = np.ones((8, 8), np.float32)
+    assert not sparse_saves_bytes(w)
+    bits = np.packbits(np.eye(8, dtype=bool).reshape(-1), bitorder="little")
+    np.testing.assert_array_equal(
+        decode_sparse_weight(bits, np.ones(9, np.float32), (8, 8)), np.eye(8)
+    )
+
+
+def test_sparse_storage_leaves_dense_policy_dense(tmp_path: Path) -> None:
+    pol = make_policy("gaussian", hidden=(32,), seed=4)
+    dense = export_onnx(pol, tmp_path / "dense.onnx")
+    sparse = export_onnx(pol, tmp_path / "sparse.onnx", sparse_storage=True)
+    assert sparse.file_bytes == dense.file_bytes
