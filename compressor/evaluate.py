@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from compressor.attacks import AttackContext, make_attack
+from compressor.executor import Executor
 from compressor.policy import Policy
 from compressor.rollout import Actor, RolloutResult, rollout
 from compressor.stats import ReturnStats, summarize_returns
@@ -183,12 +184,26 @@ def evaluate_suite(
     num_envs: int = 16,
     clean: EvalResult | None = None,
     on_stage: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> SuiteResult:
     """Clean evaluation plus every attack of the suite, all on the same seeds.
 
     :param clean: a clean evaluation already made on these seeds (reused, not recomputed).
     :param on_stage: called with the name of each evaluation as it starts.
+    :param executor: runs the evaluations side by side (one job per attack, each with its own
+        seeds, so the numbers are those of the serial run); None or one worker: in turn.
     """
+    if executor is not None and executor.workers > 1:
+        names = list(attacks) if clean is not None else ["clean", *attacks]
+        if on_stage:
+            on_stage(f"{', '.join(names)} on {executor.workers} workers")
+        jobs = [
+            (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs) for n in names
+        ]
+        done = dict(zip(names, executor.map(_suite_job, jobs)))
+        out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
+        out.attacks = {n: done[n] for n in attacks}
+        return out
     if clean is None:
         if on_stage:
             on_stage("clean")
@@ -208,6 +223,24 @@ def evaluate_suite(
             num_envs=num_envs,
         )
     return out
+
+
+def _suite_job(
+    policy: Policy,
+    env_id: str,
+    env_kwargs: dict,
+    seeds: list[int],
+    name: str,
+    threat: ThreatModel,
+    attack_seed: int,
+    num_envs: int,
+) -> EvalResult:
+    """One evaluation of a suite, as an executor job (top level, so it pickles)."""
+    if name == "clean":
+        return evaluate(policy, env_id, env_kwargs, seeds, num_envs=num_envs)[0]
+    return evaluate_attack(
+        policy, env_id, env_kwargs, seeds, name, threat, attack_seed=attack_seed, num_envs=num_envs
+    )
 
 
 def random_action_return(
