@@ -126,6 +126,13 @@ def run(
         "runs"
     ),
     name: Annotated[str | None, typer.Option(help="Run name (default: the policy's stem).")] = None,
+    prune_method: Annotated[
+        str | None,
+        typer.Option(
+            "--prune-method",
+            help="magnitude, micro, structured or random (default: the profile's prune.method).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure, prune, fine-tune, certify and export: the whole compression job."""
@@ -144,6 +151,7 @@ def run(
         name=name or (src if not Path(src).exists() else None),
         command=["compress", *sys.argv[1:]],
         reporter=Reporter(enabled=True),
+        prune_method=prune_method,
     )
     r = result.report
     if as_json:
@@ -156,6 +164,36 @@ def run(
         out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s")
     if not result.passed:
         raise typer.Exit(EXIT_BUDGET_NOT_MET)
+
+
+@app.command(rich_help_panel=PANEL_MAIN)
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory holding report.json.")],
+) -> None:
+    """Re-render report.md, report.html and plots/ from a run's report.json (no recomputation)."""
+    from compressor.report import rerender, validate
+
+    r = rerender(run_dir)
+    for problem in validate(r):
+        err.print(f"[yellow]schema:[/yellow] {problem}", highlight=False)
+    for name in ("report.json", "report.md", "report.html"):
+        out.print(f"wrote {run_dir / name}")
+
+
+@app.command(rich_help_panel=PANEL_MAIN)
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="First run directory.")],
+    run_b: Annotated[Path, typer.Argument(help="Second run directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Two runs side by side: verdict, returns, certificates, sizes (delta = B − A)."""
+    from compressor.compare import compare_runs, fmt
+
+    data = compare_runs(run_a, run_b)
+    t = Table("metric", str(run_a), str(run_b), "B − A")
+    for row in data["rows"]:
+        t.add_row(row["metric"], fmt(row["a"]), fmt(row["b"]), fmt(row["delta"]))
+    _emit(data, as_json, t)
 
 
 # ---- single stages ----------------------------------------------------------------------------
@@ -194,18 +232,38 @@ def evaluate(
 @app.command(rich_help_panel=PANEL_STAGES)
 def attack(
     src: Annotated[str, typer.Argument(help="Policy file.")],
-    attack_name: Annotated[str, typer.Option("--attack", help="Attack name, or 'all'.")] = "all",
+    attack_name: Annotated[
+        str, typer.Option("--attack", help="Attack name, comma-separated names, or 'all'.")
+    ] = "all",
     eps: EpsOpt = None,
     norm: NormOpt = None,
     space: SpaceOpt = None,
     episodes: Annotated[int, typer.Option(help="Episodes.")] = 10,
     seed: Annotated[int, typer.Option(help="First episode seed.")] = 0,
+    save: Annotated[
+        Path | None,
+        typer.Option("--save", help="Folder for the learned adversaries' and RS's weights."),
+    ] = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option("--warm-start", help="Folder of another policy's saved adversaries."),
+    ] = None,
+    train_steps: Annotated[
+        int | None,
+        typer.Option("--train-steps", help="Env steps per learned adversary (default: profile)."),
+    ] = None,
     profile: ProfileOpt = None,
     env: EnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Return under observation attacks (policy-aware, in the ε-ball), with the TV reached."""
-    from compressor.attacks import ATTACKS
+    """Return under observation attacks (policy-aware, in the ε-ball), with the TV reached.
+
+    critic, rs, mad_rs, sa_rl and pa_ad train or need more than the policy: the critic attack
+    needs the file's value function (skipped by 'all' when there is none); rs and mad_rs learn
+    Q of the policy; sa_rl and pa_ad train a PPO adversary (budget: --train-steps or the
+    profile's [attacks] learned_steps), saved under --save.
+    """
+    from compressor.attacks import ATTACKS, NEEDS_CRITIC, AttackBudget, AttackContext
     from compressor.evaluate import evaluate_suite
     from compressor.progress import Reporter
 
@@ -214,10 +272,30 @@ def attack(
         raise CompressorError("--episodes must be at least 1")
     loaded = _load(src, env)
     prof, threat = _settings(loaded, profile, env, eps, norm, space)
-    names = list(ATTACKS) if attack_name == "all" else [attack_name]
+    if attack_name == "all":
+        names = [n for n in ATTACKS if loaded.critic is not None or n not in NEEDS_CRITIC]
+        if loaded.critic is None:
+            err.print("[yellow]no value function in this file: the critic attack is skipped")
+    else:
+        names = [n.strip() for n in attack_name.split(",") if n.strip()]
     for n in names:
         if n not in ATTACKS:
             raise CompressorError(f"unknown attack {n!r}; available: {', '.join(ATTACKS)}, all")
+    budget = AttackBudget.from_section(prof.attacks)
+    if train_steps is not None:
+        budget.learned_steps = train_steps
+    env_kwargs = dict(prof.env.kwargs or loaded.policy.spec.env_kwargs)
+    ctx = AttackContext(
+        loaded.policy.eval(),
+        threat,
+        prof.attacks.seed,
+        critic=loaded.critic,
+        env_id=prof.env.id,
+        env_kwargs=env_kwargs,
+        budget=budget,
+        save_dir=save,
+        warm_start=warm_start,
+    )
     rep = Reporter()
     with rep.stage("attacks", total=len(names) + 1) as upd:
         count = [0]
@@ -229,17 +307,22 @@ def attack(
         suite = evaluate_suite(
             loaded.policy.eval(),
             prof.env.id,
-            dict(prof.env.kwargs or loaded.policy.spec.env_kwargs),
+            env_kwargs,
             list(range(seed, seed + episodes)),
             names,
             threat,
+            attack_seed=prof.attacks.seed,
             on_stage=bump,
+            context=ctx,
         )
-    t = Table("attack", "mean return", "95% CI", "mean TV reached")
+    t = Table("attack", "mean return", "95% CI", "mean TV reached", "training")
     for r in [suite.clean, *suite.attacks.values()]:
         s = r.stats
         tv = "—" if r.mean_tv is None else f"{r.mean_tv:.3f}"
-        t.add_row(r.attack, f"{s.mean:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}", tv)
+        t.add_row(
+            r.attack, f"{s.mean:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}", tv, r.training_summary()
+        )
+    t.caption = f"{prof.env.id}, ε = {threat.eps} ({threat.norm}, {threat.space}), {episodes} ep."
     data = {"env_id": prof.env.id, "threat": vars(threat), **suite.to_dict()}
     _emit(data, as_json, t)
 
@@ -329,7 +412,9 @@ def prune(
     src: Annotated[str, typer.Argument(help="Policy file.")],
     sparsity: Annotated[float, typer.Option(help="Fraction of weights to remove, in [0, 1).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
-    method: Annotated[str, typer.Option(help="magnitude or random.")] = "magnitude",
+    method: Annotated[
+        str, typer.Option(help="magnitude, micro (needs fine-tuning), structured or random.")
+    ] = "magnitude",
     scope: Annotated[str, typer.Option(help="global or layer.")] = "global",
     finetune: Annotated[bool, typer.Option(help="Distil from the dense policy afterwards.")] = True,
     profile: ProfileOpt = None,
@@ -337,34 +422,40 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Prune (masks kept through fine-tuning) and save the pruned policy."""
+    import dataclasses
+
     from compressor.evaluate import evaluate as run_eval
-    from compressor.finetune import distill_with_dagger
     from compressor.loading import save_loaded
-    from compressor.pipeline import finetune_config, student_state_collector
+    from compressor.pipeline import prune_candidate, student_state_collector
     from compressor.prune import prune as do_prune
 
     _setup_torch()
     loaded = _load(src, env)
     dense = loaded.policy.eval()
-    pruned = do_prune(dense, sparsity, method, scope)
-    info: dict[str, Any] = {"sparsity": pruned.sparsity(), "output": str(output)}
+    info: dict[str, Any] = {}
     if finetune:
         prof, threat = _settings(loaded, profile, env, None, None, None)
+        prof = dataclasses.replace(
+            prof, prune=dataclasses.replace(prof.prune, method=method, scope=scope)
+        )
         f = prof.finetune
+        env_kwargs = dict(prof.env.kwargs or dense.spec.env_kwargs)
         _, roll = run_eval(
             dense,
             prof.env.id,
-            dict(prof.env.kwargs or dense.spec.env_kwargs),
+            env_kwargs,
             list(range(f.state_seed, f.state_seed + f.state_episodes)),
             record_states=True,
         )
         assert roll.states is not None
-        cfg = finetune_config(prof)
-        env_kwargs = dict(prof.env.kwargs or dense.spec.env_kwargs)
         collect = student_state_collector(prof, env_kwargs, prof.evaluation.num_envs)
-        info["finetune"] = distill_with_dagger(
-            pruned, dense, roll.states, threat, cfg, collect, seed=f.state_seed
-        ).to_dict()
+        pruned, stats = prune_candidate(dense, sparsity, prof, roll.states, threat, collect)
+        info["finetune"] = stats.to_dict()
+    elif method == "micro":
+        raise CompressorError("--method micro cuts while fine-tuning: drop --no-finetune")
+    else:
+        pruned = do_prune(dense, sparsity, method, scope)
+    info = {"sparsity": pruned.sparsity(), "output": str(output), **info}
     loaded.policy = pruned
     save_loaded(loaded, output)
     _emit(info, as_json)
@@ -481,7 +572,7 @@ def quantize(
     """Quantise an export, re-certify it on its own weights, re-evaluate it in onnxruntime."""
     import tempfile
 
-    from compressor.attacks import ATTACKS
+    from compressor.attacks import ATTACKS, NEEDS_CRITIC, TRAINED
     from compressor.config import load_target
     from compressor.export import export_onnx
     from compressor.quantize import OnnxActor, evaluate_onnx, quantize_model
@@ -491,13 +582,12 @@ def quantize(
     _setup_torch()
     if episodes < 0:
         raise CompressorError("--episodes must be 0 or more")
-    names = (
-        [] if attack_name == "none" else list(ATTACKS) if attack_name == "all" else [attack_name]
-    )
+    cheap = [n for n in ATTACKS if n not in (*TRAINED, *NEEDS_CRITIC)]
+    names = [] if attack_name == "none" else cheap if attack_name == "all" else [attack_name]
     for n in names:
-        if n not in ATTACKS:
+        if n not in cheap:
             raise CompressorError(
-                f"unknown attack {n!r}; available: {', '.join(ATTACKS)}, all, none"
+                f"unknown transfer attack {n!r}; available: {', '.join(cheap)}, all, none"
             )
     loaded = _load(src, env)
     pol = loaded.policy.eval()

@@ -43,9 +43,21 @@ class EvaluationSection:
 
 @dataclass
 class AttacksSection:
+    """``screen`` runs on every candidate, ``final`` on the dense and the chosen policy (put
+    the attacks that train first there); the other keys are the training budgets of
+    ``compressor.attacks.AttackBudget``."""
+
     screen: list[str] = field(default_factory=lambda: ["random", "mad"])
     final: list[str] = field(default_factory=lambda: ["random", "mad"])
     seed: int = 0
+    pgd_steps: int = 10
+    rs_episodes: int = 20
+    rs_epochs: int = 30
+    rs_reg: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
+    rs_scan_episodes: int = 4
+    mad_rs_ratio: float = 0.2
+    learned_steps: int = 100_000
+    learned_num_envs: int = 8
 
 
 @dataclass
@@ -59,8 +71,10 @@ class CertificateSection:
 
 @dataclass
 class PruneSection:
-    method: str = "magnitude"
+    method: str = "magnitude"  # magnitude | micro | structured | random
     scope: str = "global"
+    micro_steps: int = 16  # micro: number of cuts on the cubic schedule
+    micro_end: float = 0.5  # micro: share of the fine-tuning steps over which cuts happen
 
 
 @dataclass
@@ -71,6 +85,7 @@ class FinetuneSection:
     perturbed_fraction: float = 0.25
     adversarial_fraction: float = 0.25
     adversarial_steps: int = 3
+    smoothness_weight: float = 0.0  # SA-PPO smoothness regulariser κ (0: off)
     preserve_certificate: bool = False
     dagger_rounds: int = 2
     dagger_episodes: int = 10
@@ -83,6 +98,15 @@ class SearchSection:
     grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
     refine: int = 2
     max_tv: float | None = None
+
+
+@dataclass
+class ReferenceSection:
+    """The best return known for the task (the regret decomposition's ``J(π*)``) and where it
+    comes from; ``None``: the best return measured in the run."""
+
+    best_return: float | None = None
+    source: str = ""
 
 
 @dataclass
@@ -100,6 +124,7 @@ class Profile:
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     search: SearchSection = field(default_factory=SearchSection)
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
     path: str = ""
 
     def seeds(self) -> list[int]:
@@ -205,6 +230,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise CompressorError(f"{path}: invalid TOML ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CompressorError(f"{path}: cannot read ({exc})") from None
+    except RecursionError:  # tomllib's parser recurses once per nested array or table
+        raise CompressorError(f"{path}: invalid TOML (nested too deeply)") from None
 
 
 def _resolve(kind: str, name_or_path: str) -> Path:
@@ -234,6 +261,14 @@ def load_profile(name_or_path: str) -> Profile:
         raise CompressorError(f"{path}: evaluation.episodes must be at least 1")
     if not prof.search.grid or any(not 0 <= s < 1 for s in prof.search.grid):
         raise CompressorError(f"{path}: search.grid must list sparsities in [0, 1)")
+    from compressor.prune import PRUNE_METHODS, SCOPES
+
+    if prof.prune.method not in PRUNE_METHODS:
+        raise CompressorError(
+            f"{path}: prune.method {prof.prune.method!r} is not one of {', '.join(PRUNE_METHODS)}"
+        )
+    if prof.prune.scope not in SCOPES:
+        raise CompressorError(f"{path}: prune.scope must be one of {', '.join(SCOPES)}")
     return prof
 
 

@@ -37,6 +37,10 @@ def env_dims(env_id: str, env_kwargs: dict[str, Any] | None = None) -> dict[str,
         env = gym.make(env_id, **(env_kwargs or {}))
     except gym.error.Error as exc:
         raise CompressorError(f"unknown or unavailable environment {env_id!r}: {exc}") from None
+    except Exception as exc:  # env_kwargs (from a file) rejected by the env's own constructor,
+        # which may raise anything (TypeError, AssertionError, ValueError, ...)
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CompressorError(f"bad env kwargs for {env_id!r}: {detail}") from None
     try:
         obs_space, act_space = env.observation_space, env.action_space
         if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:

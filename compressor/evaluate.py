@@ -6,6 +6,7 @@ the robust return is the *minimum* mean return over the attack suite.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ class EvalResult:
     :param mean_tv: mean TV between the policy's distribution at the true and at the attacked
         observation over all visited states (None for clean runs).
     :param steps: env steps. :param wall_s: seconds.
+    :param training: what building the attack cost (learned attacks: training steps, seconds,
+        choices made), or None.
     """
 
     attack: str
@@ -37,21 +40,47 @@ class EvalResult:
     mean_tv: float | None
     steps: int
     wall_s: float
+    training: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
         """Inverse of :meth:`to_dict` (JSON floats round-trip exactly)."""
-        return cls(d["attack"], ReturnStats(**d["return"]), d["mean_tv"], d["steps"], d["wall_s"])
+        return cls(
+            d["attack"],
+            ReturnStats(**d["return"]),
+            d["mean_tv"],
+            d["steps"],
+            d["wall_s"],
+            d.get("training"),
+        )
+
+    def training_summary(self) -> str:
+        """One line saying what building the attack cost ("" for attacks that train nothing)."""
+        info = self.training or {}
+        if "env_steps" in info:
+            warm = ", warm-started" if info.get("warm_start") else ""
+            return f"PPO {info['env_steps']} env steps, {info['wall_s']:.0f} s{warm}"
+        if "transitions" in info:
+            return (
+                f"Q from {info['transitions']} transitions, λ = {info['reg']} "
+                f"(scan {info.get('reg_scan') or '-'}), {info['wall_s']:.0f} s"
+            )
+        if "q" in info:
+            return f"rs's Q, MAD weight {info.get('ratio')}"
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {
+        out = {
             "attack": self.attack,
             "return": self.stats.to_dict(),
             "mean_tv": self.mean_tv,
             "steps": self.steps,
             "wall_s": round(self.wall_s, 3),
         }
+        if self.training:
+            out["training"] = self.training
+        return out
 
 
 @dataclass
@@ -156,20 +185,29 @@ def evaluate_attack(
     attack_seed: int = 0,
     num_envs: int = 16,
     on_episode: Callable[[int], None] | None = None,
+    context: AttackContext | None = None,
 ) -> EvalResult:
     """Evaluation under one attack (deterministic actions, true dynamics and rewards).
 
     :param attack_name: a name from :data:`compressor.attacks.ATTACKS`.
     :param threat: ε, norm and space of the attack.
     :param attack_seed: seed of the attack's own randomness.
+    :param context: what the attack may use beyond policy, threat and seed (critic, training
+        budget, save and warm-start folders); default: just those three.
     """
-    attack = make_attack(attack_name, AttackContext(policy, threat, attack_seed))
+    ctx = context or AttackContext(policy, threat, attack_seed)
+    if not ctx.env_id:
+        ctx.env_id, ctx.env_kwargs = env_id, dict(env_kwargs)
+    attack = make_attack(attack_name, ctx)
     meter = _TVMeter(policy, attack.perturb)
     res = rollout(
         policy, env_id, env_kwargs, seeds, num_envs=num_envs, perturb=meter, on_episode=on_episode
     )
     tv = meter.tv_sum / max(meter.count, 1)
-    return EvalResult(attack_name, summarize_returns(res.returns), tv, res.steps, res.wall_s)
+    info = dict(getattr(attack, "info", {}) or {})
+    return EvalResult(
+        attack_name, summarize_returns(res.returns), tv, res.steps, res.wall_s, info or None
+    )
 
 
 def evaluate_suite(
@@ -185,6 +223,7 @@ def evaluate_suite(
     clean: EvalResult | None = None,
     on_stage: Callable[[str], None] | None = None,
     executor: Executor | None = None,
+    context: AttackContext | None = None,
 ) -> SuiteResult:
     """Clean evaluation plus every attack of the suite, all on the same seeds.
 
@@ -192,13 +231,17 @@ def evaluate_suite(
     :param on_stage: called with the name of each evaluation as it starts.
     :param executor: runs the evaluations side by side (one job per attack, each with its own
         seeds, so the numbers are those of the serial run); None or one worker: in turn.
+    :param context: critic, training budget, save and warm-start folders for the attacks (its
+        ``shared`` scratch space is common to a serial suite: MAD+RS reuses RS's ``Q``).
     """
+    base = context or AttackContext(policy, threat, attack_seed, env_id=env_id)
     if executor is not None and executor.workers > 1:
         names = list(attacks) if clean is not None else ["clean", *attacks]
         if on_stage:
             on_stage(f"{', '.join(names)} on {executor.workers} workers")
         jobs = [
-            (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs) for n in names
+            (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs, base)
+            for n in names
         ]
         done = dict(zip(names, executor.map(_suite_job, jobs)))
         out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
@@ -221,6 +264,7 @@ def evaluate_suite(
             threat,
             attack_seed=attack_seed,
             num_envs=num_envs,
+            context=dataclasses.replace(base),
         )
     return out
 
@@ -234,12 +278,21 @@ def _suite_job(
     threat: ThreatModel,
     attack_seed: int,
     num_envs: int,
+    context: AttackContext | None = None,
 ) -> EvalResult:
     """One evaluation of a suite, as an executor job (top level, so it pickles)."""
     if name == "clean":
         return evaluate(policy, env_id, env_kwargs, seeds, num_envs=num_envs)[0]
     return evaluate_attack(
-        policy, env_id, env_kwargs, seeds, name, threat, attack_seed=attack_seed, num_envs=num_envs
+        policy,
+        env_id,
+        env_kwargs,
+        seeds,
+        name,
+        threat,
+        attack_seed=attack_seed,
+        num_envs=num_envs,
+        context=context,
     )
 
 

@@ -9,6 +9,11 @@ its divergence from the teacher's action at the true state) and trained to match
 the true state: SA-PPO's smoothness regulariser in distillation form. It makes the pruned policy
 keep (or gain) robustness, not only clean behaviour.
 
+``smoothness_weight`` (κ) adds SA-PPO's smoothness regulariser on the student alone:
+``κ · max_{ŝ ∈ B(s)} D(π(s) ‖ π(ŝ))`` with ``π(s)`` held fixed, the max found by the project's
+one PGD. Unlike the adversarial rows above it needs no teacher at ``ŝ``: it flattens the
+student's own response inside the ball, which is what the certificate measures.
+
 ``preserve_certificate`` projects every weight back into ``|w| ≤ |w_dense|`` after each step:
 the absolute-product certificate is monotone in ``|W|``, so the fine-tuned policy's global
 certificate can never be looser than the dense one's (design.md, "Certificates").
@@ -35,6 +40,7 @@ class FinetuneConfig:
     learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
     :param adversarial_fraction: share of each batch attacked by PGD on the student.
     :param adversarial_steps: PGD steps of that attack.
+    :param smoothness_weight: weight κ of SA-PPO's smoothness regulariser (0: off).
     :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step.
     :param dagger_rounds: rounds of rolling out the student and adding the states it visits
         (labelled by the teacher) before training again: imitation's cure for drifting into
@@ -46,6 +52,7 @@ class FinetuneConfig:
     perturbed_fraction: float = 0.25
     adversarial_fraction: float = 0.25
     adversarial_steps: int = 3
+    smoothness_weight: float = 0.0
     preserve_certificate: bool = False
     dagger_rounds: int = 1
 
@@ -72,6 +79,8 @@ def distill(
     threat: ThreatModel | None,
     cfg: FinetuneConfig,
     seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+    step_offset: int = 0,
 ) -> FinetuneStats:
     """Fine-tune ``student`` in place towards ``teacher`` on ``states`` (raw observations).
 
@@ -81,6 +90,8 @@ def distill(
     :param threat: the ε-ball used to perturb part of each batch (None: no perturbation).
     :param cfg: the settings.
     :param seed: seed of batch sampling and perturbations.
+    :param on_step: called with the global step index before every optimiser step (micro-
+        pruning cuts the masks there). :param step_offset: global index of this call's step 0.
     """
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
@@ -127,18 +138,43 @@ def distill(
                     generator=g,
                 )
                 seen = torch.cat([seen[:lo], adv, seen[hi:]])
-        return student.divergence(target, student(seen)).mean()
+        loss = student.divergence(target, student(seen)).mean()
+        if cfg.smoothness_weight > 0 and threat is not None:
+            loss = loss + cfg.smoothness_weight * smoothness(x)
+        return loss
+
+    def smoothness(x: torch.Tensor) -> torch.Tensor:
+        # SA-PPO: the student's own output at the true state is the fixed reference
+        with torch.no_grad():
+            ref = student(x)
+        assert threat is not None
+        x_adv = pgd(
+            lambda z: student.divergence(ref, student(z)),
+            x,
+            scale,
+            threat.eps,
+            norm=threat.norm,
+            steps=cfg.adversarial_steps,
+            random_start=True,
+            generator=g,
+        )
+        return student.divergence(ref, student(x_adv)).mean()
 
     with torch.no_grad():
         probe = x_all[torch.randint(0, len(x_all), (min(4096, len(x_all)),), generator=g)]
         loss_start = float(loss_on(probe))
     student.train()
-    for _ in range(cfg.steps):
+    for t in range(cfg.steps):
+        if on_step is not None:
+            on_step(step_offset + t)
         loss = batch_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        with torch.no_grad():  # Adam's momentum would move pruned raw weights: keep them zero
+            for layer, m in zip(student.layers, student.masks()):
+                layer.weight.mul_(m)
         if cfg.preserve_certificate:
             with torch.no_grad():
                 for layer, b in zip(student.layers, bounds):
@@ -149,6 +185,13 @@ def distill(
     return FinetuneStats(loss_start, loss_end, cfg.steps, time.perf_counter() - t0)
 
 
+def dagger_total_steps(cfg: FinetuneConfig) -> int:
+    """Optimiser steps :func:`distill_with_dagger` runs (``cfg.steps`` rounded down to whole
+    phases)."""
+    phases = cfg.dagger_rounds + 1
+    return phases * max(1, cfg.steps // phases)
+
+
 def distill_with_dagger(
     student: Policy,
     teacher: Policy,
@@ -157,12 +200,14 @@ def distill_with_dagger(
     cfg: FinetuneConfig,
     collect: Callable[[Policy], np.ndarray],
     seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> FinetuneStats:
     """:func:`distill`, in ``cfg.dagger_rounds + 1`` phases that split ``cfg.steps``; after
     each phase but the last, ``collect(student)`` returns states the student visits, which
     join the training set.
 
     :param collect: rolls out a policy and returns the raw observations it visited.
+    :param on_step: as in :func:`distill`, with step indices counted across the phases.
     """
     phases = cfg.dagger_rounds + 1
     per = replace(cfg, steps=max(1, cfg.steps // phases))
@@ -170,7 +215,16 @@ def distill_with_dagger(
     first: FinetuneStats | None = None
     t0 = time.perf_counter()
     for k in range(phases):
-        stats = distill(student, teacher, data, threat, per, seed=seed + k)
+        stats = distill(
+            student,
+            teacher,
+            data,
+            threat,
+            per,
+            seed=seed + k,
+            on_step=on_step,
+            step_offset=k * per.steps,
+        )
         first = first or stats
         if k < phases - 1:
             data = np.concatenate([data, collect(student)])

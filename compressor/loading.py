@@ -32,9 +32,11 @@ from compressor.importers import (
 )
 from compressor.policy import (
     ACTIVATIONS,
+    MAX_PARAMETERS,
     Policy,
     PolicySpec,
     check_finite,
+    mlp_parameters,
     policy_from_dict,
     policy_to_dict,
     sha256_file,
@@ -80,13 +82,17 @@ class ValueNet(nn.Module):
         :param obs_dim: the policy's observation size.
         :param origin: file name for error messages.
         """
-        if not isinstance(entry, dict) or not isinstance(entry.get("state_dict"), dict):
+        state = entry.get("state_dict") if isinstance(entry, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise CompressorError(f"{origin}: malformed critic entry")
         if entry.get("input", "normalized_obs") != "normalized_obs":
-            raise CompressorError(f"{origin}: critic input {entry.get('input')!r} is not supported")
+            shown = repr(entry["input"]) if isinstance(entry["input"], str) else "of another type"
+            raise CompressorError(f"{origin}: critic input {shown} is not supported")
         hidden = entry.get("hidden")
-        if not isinstance(hidden, list) or not all(isinstance(h, int) and h > 0 for h in hidden):
+        if not isinstance(hidden, list) or not all(type(h) is int and h > 0 for h in hidden):
             raise CompressorError(f"{origin}: critic entry has malformed hidden sizes")
+        if mlp_parameters([obs_dim, *hidden, 1]) > MAX_PARAMETERS:
+            raise CompressorError(f"{origin}: critic entry describes an implausibly large network")
         net = cls(obs_dim, hidden, str(entry.get("activation", "tanh")))
         try:
             net.net.load_state_dict(entry["state_dict"], strict=True)
@@ -159,7 +165,8 @@ def load_policy(
         try:
             with zipfile.ZipFile(p) as zf:
                 names = zf.namelist()
-        except zipfile.BadZipFile:
+        # a corrupt member name raises UnicodeDecodeError, a corrupt header NotImplementedError
+        except (zipfile.BadZipFile, UnicodeDecodeError, NotImplementedError):
             raise CompressorError(f"{p}: truncated or corrupt zip file") from None
         if sb3.is_sb3_zip(names):
             result, fmt = sb3.import_sb3(p, env_id, vecnormalize), sb3.FORMAT
@@ -180,7 +187,9 @@ def load_policy(
     policy = result.policy
     _check_env(policy, result.warnings, explicit=env_id is not None)
     critic = (
-        ValueNet.from_entry(result.critic, policy.spec.obs_dim, p.name) if result.critic else None
+        ValueNet.from_entry(result.critic, policy.spec.obs_dim, p.name)
+        if result.critic is not None
+        else None
     )
     return LoadedPolicy(policy, critic, result.warnings, p, fmt, sha256_file(p))
 
@@ -237,17 +246,20 @@ def _from_plain(obj: dict[str, Any], origin: str) -> Policy:
         raise CompressorError(f"{origin}: 'spec' and 'state_dict' must both be dicts")
     try:
         spec = PolicySpec(**spec_d)
-    except TypeError as exc:
-        raise CompressorError(f"{origin}: malformed policy spec ({exc})") from None
-    policy = Policy(spec)
+        policy = Policy(spec)
+    except TypeError as exc:  # a field name the spec does not have (one line: it is the file's)
+        detail = " ".join(str(exc).split())
+        raise CompressorError(f"{origin}: malformed policy spec ({detail})") from None
+    except CompressorError as exc:  # validate() does not know the file name
+        raise CompressorError(f"{origin}: {exc}") from None
     full = policy.state_dict()
     required = {k for k in full if k.startswith("layers.")}
     required |= {"log_std"} if "log_std" in full else set()
     required |= {"obs_mean", "obs_var"} if spec.obs_norm else set()
     missing = sorted(required - state.keys())
-    unexpected = sorted(set(state) - set(full))
+    unexpected = sorted(set(state) - set(full), key=str)  # a corrupt file may have non-str keys
     if missing or unexpected:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {str(unexpected[0])!r}"
         raise CompressorError(
             f"{origin}: state_dict does not match the spec ({what}); keys must be those of "
             "compressor.policy.Policy (layers.<i>.weight, layers.<i>.bias, log_std, ...)"
@@ -267,6 +279,12 @@ def _check_env(policy: Policy, warnings: list[str], explicit: bool) -> None:
     if not spec.env_id:
         warnings.append("the policy does not record its environment; pass --env ENV_ID")
         return
+    if not explicit and ":" in spec.env_id:
+        # gymnasium imports the module named before ':' — a file must not choose code to run
+        raise CompressorError(
+            f"the policy names env {spec.env_id!r}, which would import module "
+            f"{spec.env_id.split(':')[0]!r}; pass --env ENV_ID to choose the environment"
+        )
     if not explicit:
         try:
             env_id, note = resolve_env_id(spec.env_id, spec.env_kwargs, spec.obs_dim)

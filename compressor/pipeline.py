@@ -8,6 +8,7 @@ report. Every file is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -18,19 +19,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from compressor.attacks import NEEDS_CRITIC, AttackBudget, AttackContext
 from compressor.certify import GlobalCertificate, certify_global
 from compressor.config import Profile, Target, load_profile, profile_for_env
 from compressor.envs import check_policy_fits_env
 from compressor.errors import CompressorError
 from compressor.evaluate import SuiteResult, evaluate, evaluate_suite, random_action_return
 from compressor.export import export_onnx
-from compressor.finetune import FinetuneConfig, distill_with_dagger
+from compressor.finetune import (
+    FinetuneConfig,
+    FinetuneStats,
+    dagger_total_steps,
+    distill_with_dagger,
+)
+from compressor.frontier import frontier_analysis
 from compressor.journal import Journal, open_run_dir
 from compressor.loading import LoadedPolicy, load_policy
 from compressor.policy import Policy, save_policy
 from compressor.progress import Reporter
-from compressor.prune import prune
 from compressor.report import build_report, write_report
+from compressor.schedule import MicroSchedule, prune_and_finetune
 from compressor.search import Budget, Candidate, SearchResult, search_sparsity
 from compressor.state_certificate import certify_states
 from compressor.threat import ThreatModel
@@ -84,6 +92,7 @@ def run_pipeline(
     name: str | None = None,
     command: list[str] | None = None,
     reporter: Reporter | None = None,
+    prune_method: str | None = None,
 ) -> RunResult:
     """Compress ``src`` within ``budget`` and write the run directory.
 
@@ -95,6 +104,7 @@ def run_pipeline(
     :param name: run name (default: the policy file's stem).
     :param command: the command line, recorded in the report.
     :param reporter: progress display and stage timer.
+    :param prune_method: overrides the profile's ``[prune] method``.
     """
     if not 0.0 < budget < 1.0:
         raise CompressorError(f"--budget must be in (0, 1), got {budget}")
@@ -106,6 +116,14 @@ def run_pipeline(
         rep.info(f"[yellow]warning:[/yellow] {w}")
     dense = loaded.policy.eval()
     prof = resolve_profile(loaded, profile, rep)
+    if prune_method is not None:
+        from compressor.prune import PRUNE_METHODS
+
+        if prune_method not in PRUNE_METHODS:
+            raise CompressorError(
+                f"--prune-method {prune_method!r} is not one of {', '.join(PRUNE_METHODS)}"
+            )
+        prof.prune.method = prune_method
     tgt = target or Target()
     env_id, env_kwargs = prof.env.id, _env_kwargs(prof, dense)
     check_policy_fits_env(
@@ -127,7 +145,23 @@ def run_pipeline(
         rep.info(f"resuming {run_dir}: {len(finished)} candidate(s) already finished")
 
     # ---- dense: evaluate (clean + every attack of the suite) and certify ---------------------
+    if loaded.critic is None and any(a in NEEDS_CRITIC for a in prof.attacks.final):
+        rep.info("[yellow]warning:[/yellow] no value function in the file: no critic attack")
+    for names in (prof.attacks.screen, prof.attacks.final):
+        names[:] = [a for a in names if loaded.critic is not None or a not in NEEDS_CRITIC]
     attacks_all = list(dict.fromkeys(prof.attacks.screen + prof.attacks.final))
+    # learned adversaries and RS's Q: trained on the dense policy, saved, and the chosen
+    # policy's start from them (warm start)
+    adv_dir = run_dir / "adversaries"
+    attack_ctx = AttackContext(
+        dense,
+        threat,
+        prof.attacks.seed,
+        critic=loaded.critic,
+        env_id=env_id,
+        env_kwargs=env_kwargs,
+        budget=AttackBudget.from_section(prof.attacks),
+    )
     with rep.stage("evaluate dense", total=len(attacks_all) + 2) as upd:
         done = [0]
 
@@ -145,6 +179,7 @@ def run_pipeline(
             attack_seed=prof.attacks.seed,
             num_envs=n_envs,
             on_stage=bump,
+            context=dataclasses.replace(attack_ctx, save_dir=adv_dir / "dense"),
         )
         rand_ret = random_action_return(env_id, env_kwargs, seeds, n_envs)
 
@@ -204,13 +239,8 @@ def run_pipeline(
             return c
         t0 = time.perf_counter()
         with rep.stage(f"search: sparsity {sparsity:.3f}", total=len(prof.attacks.screen) + 2) as u:
-            cand = prune(
-                dense, sparsity, prof.prune.method, prof.prune.scope, seed=prof.attacks.seed
-            )
             u(0)
-            ft = distill_with_dagger(
-                cand, dense, states, threat, ft_cfg, collect, seed=prof.finetune.state_seed
-            )
+            cand, ft = prune_candidate(dense, sparsity, prof, states, threat, collect, ft_cfg)
             u(1)
             cnt = [1]
 
@@ -228,6 +258,7 @@ def run_pipeline(
                 attack_seed=prof.attacks.seed,
                 num_envs=n_envs,
                 on_stage=step,
+                context=dataclasses.replace(attack_ctx, policy=cand, shared={}),
             )
             cert = certify_global(cand, threat, prof.certificate.tau)
             local = certify_at_states(cand)
@@ -272,6 +303,13 @@ def run_pipeline(
                 attack_seed=prof.attacks.seed,
                 num_envs=n_envs,
                 clean=chosen.suite.clean,
+                context=dataclasses.replace(
+                    attack_ctx,
+                    policy=pol,
+                    save_dir=adv_dir / "chosen",
+                    warm_start=adv_dir / "dense",
+                    shared={},
+                ),
             )
             final_suite.attacks = {**chosen.suite.attacks, **final_suite.attacks}
         with rep.stage("certify chosen"):
@@ -319,6 +357,17 @@ def run_pipeline(
         timings=rep.timings,
         command=command or [],
         run_dir=run_dir,
+        frontier_analysis=frontier_analysis(
+            rule,
+            rule.dense_clean,
+            rule.dense_robust,
+            screen_dense.strongest_attack,
+            dense_cert.to_dict()["certified_radius"],
+            result.candidates,
+            chosen,
+            prof.reference.best_return,
+            prof.reference.source,
+        ),
     )
     with rep.stage("report"):
         write_report(report, run_dir)
@@ -335,8 +384,39 @@ def finetune_config(prof: Profile) -> FinetuneConfig:
         perturbed_fraction=f.perturbed_fraction,
         adversarial_fraction=f.adversarial_fraction,
         adversarial_steps=f.adversarial_steps,
+        smoothness_weight=f.smoothness_weight,
         preserve_certificate=f.preserve_certificate,
         dagger_rounds=f.dagger_rounds,
+    )
+
+
+def prune_candidate(
+    dense: Policy,
+    sparsity: float,
+    prof: Profile,
+    states: np.ndarray,
+    threat: ThreatModel,
+    collect: Callable[[Policy], np.ndarray],
+    cfg: FinetuneConfig | None = None,
+) -> tuple[Policy, FinetuneStats]:
+    """Prune ``dense`` with the profile's method and fine-tune it (distillation + DAgger) with
+    the mask fixed; micro-pruning cuts on its schedule during the fine-tuning."""
+    ft_cfg = cfg or finetune_config(prof)
+
+    def tune(pol: Policy, hook: Callable[[int], None] | None) -> FinetuneStats:
+        return distill_with_dagger(
+            pol, dense, states, threat, ft_cfg, collect, seed=prof.finetune.state_seed, on_step=hook
+        )
+
+    return prune_and_finetune(
+        dense,
+        sparsity,
+        prof.prune.method,
+        tune,
+        dagger_total_steps(ft_cfg),
+        scope=prof.prune.scope,
+        seed=prof.attacks.seed,
+        schedule=MicroSchedule(prof.prune.micro_steps, prof.prune.micro_end),
     )
 
 

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,22 @@ FORMAT_VERSION = 1
 
 HEADS = ("gaussian", "categorical", "squashed_gaussian", "deterministic")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
+#: Largest MLP a spec may describe (weights + biases). Edge policies are far smaller; this stops a
+#: corrupt or hostile spec from making us allocate gigabytes before its weights are checked.
+MAX_PARAMETERS = 1 << 27
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def mlp_parameters(sizes: list[int]) -> int:
+    """Weights and biases of an MLP with layer sizes ``sizes`` (input first)."""
+    return sum((int(a) + 1) * int(b) for a, b in zip(sizes[:-1], sizes[1:]))
 
 
 @dataclass
@@ -67,7 +84,27 @@ class PolicySpec:
     source: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise :class:`CompressorError` if the spec is inconsistent."""
+        """Raise :class:`CompressorError` if the spec is inconsistent (or mistyped, as a spec read
+        from a corrupt file can be)."""
+        hidden = self.hidden
+        if not (_is_int(self.obs_dim) and _is_int(self.act_dim)) or not (
+            isinstance(hidden, list) and all(_is_int(h) for h in hidden)
+        ):
+            raise CompressorError("policy spec layer sizes must be integers")
+        if not (isinstance(self.head, str) and isinstance(self.activation, str)):
+            raise CompressorError("policy spec head and activation must be strings")
+        if not isinstance(self.obs_norm, bool) or not _is_real(self.obs_eps) or self.obs_eps < 0:
+            raise CompressorError("policy spec has a malformed obs_norm or obs_eps")
+        if self.obs_clip is not None and not (_is_real(self.obs_clip) and self.obs_clip > 0):
+            raise CompressorError("policy spec obs_clip must be a positive number or None")
+        kwargs = self.env_kwargs
+        if not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+            raise CompressorError("policy spec env_kwargs must be a table with string keys")
+        if not (isinstance(self.env_id, str) and isinstance(self.source, dict)):
+            raise CompressorError("policy spec env_id must be a string and source a table")
+        for name, b in (("action_low", self.action_low), ("action_high", self.action_high)):
+            if b is not None and not (isinstance(b, list) and all(_is_real(x) for x in b)):
+                raise CompressorError(f"policy spec {name} must be a list of numbers")
         if self.head not in HEADS:
             raise CompressorError(f"unknown policy head {self.head!r}; expected one of {HEADS}")
         if self.activation not in ACTIVATIONS:
@@ -76,6 +113,10 @@ class PolicySpec:
             )
         if self.obs_dim <= 0 or self.act_dim <= 0 or any(h <= 0 for h in self.hidden):
             raise CompressorError("policy spec has a non-positive layer size")
+        if mlp_parameters([self.obs_dim, *hidden, self.act_dim]) > MAX_PARAMETERS:
+            raise CompressorError(
+                f"policy spec describes more than {MAX_PARAMETERS} parameters (corrupt file?)"
+            )
         if self.head != "categorical":
             for name, b in (("action_low", self.action_low), ("action_high", self.action_high)):
                 if b is not None and len(b) != self.act_dim:
@@ -274,19 +315,26 @@ def policy_from_dict(obj: Any, origin: str = "policy") -> Policy:
     """Build a :class:`Policy` from :func:`policy_to_dict` output, validating everything."""
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG:
         raise CompressorError(f"{origin}: not a native compressor policy (missing format tag)")
-    if obj.get("version") != FORMAT_VERSION:
+    version = obj.get("version")
+    if not isinstance(version, int) or version != FORMAT_VERSION:  # a corrupt file: any type
+        shown = version if isinstance(version, int) else "(missing or not an integer)"
         raise CompressorError(
-            f"{origin}: native format version {obj.get('version')} is not supported "
+            f"{origin}: native format version {shown} is not supported "
             f"(this tool reads version {FORMAT_VERSION})"
         )
+    if not isinstance(obj.get("spec"), dict):
+        raise CompressorError(f"{origin}: malformed policy spec (not a table)")
     try:
         spec = PolicySpec(**obj["spec"])
-    except TypeError as exc:
-        raise CompressorError(f"{origin}: malformed policy spec ({exc})") from None
-    policy = Policy(spec)
+        policy = Policy(spec)
+    except TypeError as exc:  # a field name the spec does not have (one line: it is the file's)
+        detail = " ".join(str(exc).split())
+        raise CompressorError(f"{origin}: malformed policy spec ({detail})") from None
+    except CompressorError as exc:  # validate() does not know the file name
+        raise CompressorError(f"{origin}: {exc}") from None
     state = obj.get("state_dict")
-    if not isinstance(state, dict):
-        raise CompressorError(f"{origin}: missing state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CompressorError(f"{origin}: missing or malformed state_dict")
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -1,8 +1,16 @@
 """Pruning: *which* weights (a criterion's scores) and *how* to cut (masks from scores).
 
 Criteria score every prunable weight (Linear weights; never biases, the normalisation or
-log_std); mask makers turn scores into 0/1 masks at a target sparsity. Pruning is
-``W ↦ M ⊙ W``, so every absolute-value-monotone certificate can only tighten (design.md).
+log_std), or every hidden neuron for structured pruning; mask makers turn scores into 0/1
+masks at a target sparsity. *When* to cut (one shot, or micro-pruning's many small steps) is
+:mod:`compressor.schedule`'s job. Pruning is ``W ↦ M ⊙ W``, so every absolute-value-monotone
+certificate can only tighten (design.md).
+
+Structured pruning removes whole hidden neurons: the neuron's row of ``W_i`` *and* its column
+of ``W_{i+1}``. Zeroing the outgoing column matters: a neuron with only its incoming row cut
+would still output the constant ``act(b_j)`` and feed it forward. With both cut, its bias (not
+pruned, as everywhere) reaches nothing, and export's compaction (:mod:`compressor.compact`)
+removes the neuron from the graph with the same outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ import torch
 from compressor.errors import CompressorError
 from compressor.policy import Policy
 
-METHODS = ("magnitude", "random")
+#: one-shot criteria that :func:`prune` applies
+METHODS = ("magnitude", "structured", "random")
+#: every method a profile or ``--method`` may name (``micro`` = magnitude on a schedule)
+PRUNE_METHODS = ("magnitude", "micro", "structured", "random")
 SCOPES = ("global", "layer")
 
 
@@ -31,6 +42,54 @@ def random_scores(policy: Policy, seed: int = 0) -> list[torch.Tensor]:
         s = torch.rand(w.shape, generator=g)
         out.append(torch.where(m > 0, s, torch.full_like(s, -1.0)))
     return out
+
+
+def neuron_scores(policy: Policy) -> list[torch.Tensor]:
+    """Importance of each hidden neuron: ``‖W_i[j, :]‖₂ · ‖W_{i+1}[:, j]‖₂``.
+
+    The product of the incoming and outgoing norms bounds how much the neuron can move the
+    next layer's pre-activations per unit of input; a removed neuron scores 0.
+    One tensor per hidden layer (all layers but the last), of the layer's width.
+    """
+    ws = [w.detach() for w in policy.effective_weights()]
+    return [ws[i].norm(dim=1) * ws[i + 1].norm(dim=0) for i in range(len(ws) - 1)]
+
+
+def neuron_masks(
+    policy: Policy, scores: list[torch.Tensor], sparsity: float, scope: str = "global"
+) -> list[torch.Tensor]:
+    """Weight masks that remove whole hidden neurons, lowest score first, until at least
+    ``sparsity`` of the Linear weights are zero (so it overshoots by less than one neuron).
+
+    ``global`` ranks neurons by their score divided by their layer's mean score (raw scores
+    of different layers are not comparable); ``layer`` removes the same fraction from each
+    hidden layer. Every hidden layer keeps at least one neuron. Existing masks are kept.
+    """
+    masks = [m.detach().clone() for m in policy.masks()]
+    total = sum(m.numel() for m in masks)
+    need = round(sparsity * total)
+    zeros = total - int(sum(float(m.sum()) for m in masks))
+    order: list[tuple[float, int, int]] = []
+    for i, sc in enumerate(scores):
+        if scope == "layer":
+            ranks = torch.empty(len(sc))
+            ranks[torch.argsort(sc, stable=True)] = torch.arange(len(sc), dtype=torch.float32)
+            keys = (ranks + 1) / len(sc)
+        else:
+            keys = sc / sc.mean().clamp_min(1e-12)
+        order += [(float(k), i, j) for j, k in enumerate(keys)]
+    alive = [len(sc) for sc in scores]
+    for _, i, j in sorted(order):
+        if zeros >= need:
+            break
+        if alive[i] <= 1:
+            continue
+        row, col = masks[i][j, :], masks[i + 1][:, j]
+        zeros += int(row.sum()) + int(col.sum())
+        row.zero_()
+        col.zero_()
+        alive[i] -= 1
+    return masks
 
 
 def _keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -76,18 +135,27 @@ def prune(
 
     :param policy: the policy to prune (unchanged).
     :param sparsity: target fraction in [0, 1).
-    :param method: ``magnitude`` or ``random``.
+    :param method: ``magnitude``, ``structured`` (whole hidden neurons) or ``random``
+        (``micro`` is magnitude on a schedule: :func:`compressor.schedule.prune_and_finetune`).
     :param scope: ``global`` (one threshold over all layers) or ``layer``.
     :param seed: seed for the random criterion.
     """
     if not 0.0 <= sparsity < 1.0:
         raise CompressorError(f"sparsity must be in [0, 1), got {sparsity}")
+    if method == "micro":
+        raise CompressorError(
+            "micro-pruning interleaves cuts with fine-tuning: use "
+            "compressor.schedule.prune_and_finetune (or compress prune --method micro)"
+        )
     if method not in METHODS:
         raise CompressorError(f"unknown pruning method {method!r}; expected one of {METHODS}")
     if scope not in SCOPES:
         raise CompressorError(f"unknown pruning scope {scope!r}; expected one of {SCOPES}")
-    scores = magnitude_scores(policy) if method == "magnitude" else random_scores(policy, seed)
-    masks = MASK_MAKERS[scope](scores, sparsity)
+    if method == "structured":
+        masks = neuron_masks(policy, neuron_scores(policy), sparsity, scope)
+    else:
+        scores = magnitude_scores(policy) if method == "magnitude" else random_scores(policy, seed)
+        masks = MASK_MAKERS[scope](scores, sparsity)
     # never revive weights that were already pruned
     masks = [m * old for m, old in zip(masks, policy.masks())]
     out = policy.clone()

@@ -19,6 +19,8 @@ from compressor.envs import env_dims, make_vector_env
 
 #: Maps a batch of raw observations to the observations the policy sees (an attack).
 ObsTransform = Callable[[torch.Tensor], torch.Tensor]
+#: ``(episode, obs, action, reward, next_obs, terminated)`` of the running episodes, one step.
+StepHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 class Actor(Protocol):
@@ -92,6 +94,7 @@ def rollout(
     max_steps: int | None = None,
     generator: torch.Generator | None = None,
     on_episode: Callable[[int], None] | None = None,
+    on_step: StepHook | None = None,
 ) -> RolloutResult:
     """Run one episode per seed with ``policy``, batching the policy across a vector env.
 
@@ -107,6 +110,8 @@ def rollout(
     :param max_steps: truncate each episode after this many steps (None: the env's own limit).
     :param generator: RNG for stochastic actions.
     :param on_episode: called with the number of finished episodes after each one.
+    :param on_step: called after every vector step with the transitions of the running
+        episodes (Robust Sarsa learns ``Q^π`` from them).
     """
     n_eps = len(seeds)
     if n_eps == 0:
@@ -128,9 +133,13 @@ def rollout(
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             if record_states:
                 states.append(obs[active].astype(np.float32))
-            seen = perturb(obs_t) if perturb is not None else obs_t
+            seen = obs_t
+            if perturb is not None:  # only the running episodes' observations are attacked
+                seen = obs_t.clone()
+                seen[active] = perturb(obs_t[active])
             with torch.no_grad():
                 act = policy.act(seen) if deterministic else policy.sample(seen, generator)
+            prev_obs = obs
             obs, rew, term, trunc, _ = envs.step(act.numpy())
             steps += int(active.sum())
             ep = slot_episode[active]
@@ -140,6 +149,9 @@ def rollout(
                 trunc = trunc | (lengths[np.maximum(slot_episode, 0)] >= max_steps)
             ended = term | trunc
             finished = ended & active
+            if on_step is not None:
+                a_np = act.numpy()
+                on_step(ep, prev_obs[active], a_np[active], rew[active], obs[active], term[active])
             if not ended.any():
                 continue
             reset_seeds: list[int | None] = [None] * n

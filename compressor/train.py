@@ -84,12 +84,16 @@ def _mlp(sizes: list[int], act: type[nn.Module], out_std: float) -> nn.Sequentia
 
 
 def train_ppo(
-    cfg: PPOConfig, progress: Callable[[int, float], None] | None = None
+    cfg: PPOConfig,
+    progress: Callable[[int, float], None] | None = None,
+    init: tuple[Policy, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[Policy, nn.Sequential, dict[str, Any]]:
     """Train a policy with PPO.
 
     :param cfg: the configuration.
     :param progress: called with (global step, mean recent training return) after each update.
+    :param init: a policy of the same architecture and its critic's state dict to start from
+        (warm start: weights, log-std and normalisation statistics are copied).
     :returns: the policy (with frozen normalisation stats), the critic, and training stats.
     """
     dims = env_dims(cfg.env_id, cfg.env_kwargs)
@@ -120,17 +124,32 @@ def train_ppo(
         if not discrete:
             policy.log_std.fill_(cfg.init_log_std)
     critic = _mlp([spec.obs_dim, *spec.hidden, 1], act_cls, 1.0)
+    obs_rms = RunningMeanStd((spec.obs_dim,))
+    if init is not None:
+        policy.load_state_dict(init[0].state_dict())
+        critic.load_state_dict(init[1])
+        obs_rms.mean = init[0].obs_mean.double().numpy().copy()
+        obs_rms.var = init[0].obs_var.double().numpy().copy()
+        obs_rms.count = 1e4  # trust the start's statistics about as much as 10k new samples
     params = list(policy.parameters()) + list(critic.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
 
-    envs = gym.make_vec(
-        cfg.env_id,
-        num_envs=cfg.num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-        **cfg.env_kwargs,
-    )
-    obs_rms = RunningMeanStd((spec.obs_dim,))
+    if gym.spec(cfg.env_id).vector_entry_point is not None:
+        # envs that batch their own sub-envs (learned adversaries); they auto-reset in-step
+        envs = gym.make_vec(
+            cfg.env_id,
+            num_envs=cfg.num_envs,
+            vectorization_mode="vector_entry_point",
+            **cfg.env_kwargs,
+        )
+    else:
+        envs = gym.make_vec(
+            cfg.env_id,
+            num_envs=cfg.num_envs,
+            vectorization_mode="sync",
+            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+            **cfg.env_kwargs,
+        )
     ret_rms, disc_ret = RunningMeanStd(), np.zeros(cfg.num_envs)
     n, T = cfg.num_envs, cfg.num_steps
     batch = n * T

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import builtins
 import os
 import pickle
+import re
 import sys
 import types
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 from compressor.errors import CompressorError
 from compressor.importers import load_norm_stats
 from compressor.importers.safe_pickle import load_vecnormalize, referenced_globals, safe_loads
+from compressor.loading import load_policy
 
 
 class _WriteFile:
@@ -178,3 +181,88 @@ def test_npz_stats(tmp_path: Path) -> None:
     np.savez(bad, mean=np.zeros(3))
     with pytest.raises(CompressorError, match="'mean' and 'var'"):
         load_norm_stats(bad)
+
+
+# ---- through the public loader: an SB3 zip and the vecnormalize.pkl found beside it ----------
+class _WriteText:
+    """Unpickling this calls ``pathlib.Path.write_text`` on ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.write_text, (self.path, "pwned"))
+
+
+_PAYLOADS = {
+    "exec": (_WriteFile, "builtins.exec"),
+    "system": (_Shell, f"{os.system.__module__}.system"),
+    "write_text": (_WriteText, "pathlib.Path.write_text"),
+}
+
+
+def _hostile_sources(tmp_path: Path, classes: dict[str, type], payload: object) -> list[Path]:
+    """An SB3 zip whose ``data`` carries ``payload``, and a clean zip with a hostile stats file."""
+    from test_importers import _sb3_data, _write_sb3_zip
+
+    data = _sb3_data()
+    blob = base64.b64encode(pickle.dumps(payload, protocol=4)).decode()
+    data["policy_kwargs"] = {":type:": "<class 'dict'>", ":serialized:": blob}
+    in_zip = _write_sb3_zip(tmp_path / "a" / "sb3-ppo-CartPole-v1" / "model.zip", data=data)
+    beside = _write_sb3_zip(tmp_path / "b" / "sb3-ppo-CartPole-v1" / "model.zip")
+    stats = _vecnormalize_bytes(classes, extra=payload, mean=np.zeros(4))
+    (beside.parent / "vecnormalize.pkl").write_bytes(stats)
+    return [in_zip, beside]
+
+
+@pytest.mark.parametrize("kind", sorted(_PAYLOADS))
+def test_payloads_through_load_policy_write_nothing(
+    tmp_path: Path, fake_sb3: dict[str, type], kind: str
+) -> None:
+    make, refused = _PAYLOADS[kind]
+    target = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(make(target), protocol=4))  # control: the payload is live
+    assert target.exists()
+    target.unlink()
+    for src in _hostile_sources(tmp_path, fake_sb3, make(target)):
+        with pytest.raises(CompressorError, match=re.escape(refused)) as info:
+            load_policy(src)
+        assert "\n" not in str(info.value)
+    assert not target.exists()
+
+
+def test_payloads_through_cli_inspect_are_one_line_exit_3(
+    tmp_path: Path,
+    fake_sb3: dict[str, type],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from compressor.cli import main
+
+    # main(), not CliRunner(app): the one-line message and exit code 3 are main()'s job
+    target = tmp_path / "pwned"
+    for src in _hostile_sources(tmp_path, fake_sb3, _Shell(target)):
+        monkeypatch.setattr(sys, "argv", ["compress", "inspect", str(src)])
+        with pytest.raises(SystemExit) as info:
+            main()
+        assert info.value.code == 3
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and f"{os.system.__module__}.system" in lines[0], captured.err
+        assert "Traceback" not in captured.err and captured.out == ""
+    assert not target.exists()
+
+
+def test_env_id_naming_a_module_is_refused(tmp_path: Path) -> None:
+    """gymnasium would import ``module`` for ``module:Env``: a file may not choose that."""
+    from compressor.loading import load_policy
+    from compressor.policy import save_policy
+    from conftest import make_policy
+
+    pol = make_policy("categorical", obs_dim=4, act_dim=2, env_id="CartPole-v1")
+    pol.spec.env_id = "antigravity:Fly-v0"
+    save_policy(pol, tmp_path / "p.pt")
+    with pytest.raises(CompressorError, match="would import module 'antigravity'"):
+        load_policy(tmp_path / "p.pt")
+    # the user's own choice of env is honoured
+    assert load_policy(tmp_path / "p.pt", env_id="CartPole-v1").policy.spec.env_id == "CartPole-v1"

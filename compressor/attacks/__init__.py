@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from compressor.attacks.base import Attack, AttackContext
+from compressor.attacks.base import Attack, AttackBudget, AttackContext
+from compressor.attacks.critic import CriticAttack
+from compressor.attacks.learned import PAADAttack, SARLAttack
 from compressor.attacks.mad import MADAttack
 from compressor.attacks.random import RandomAttack
+from compressor.attacks.rs import MadRsAttack, RobustSarsaAttack
 from compressor.errors import CompressorError
 
 ATTACKS: dict[str, Callable[[AttackContext], Attack]] = {
     "random": RandomAttack,
     "mad": MADAttack,
+    "critic": CriticAttack,
+    "rs": RobustSarsaAttack,
+    "mad_rs": MadRsAttack,
+    "sa_rl": SARLAttack,
+    "pa_ad": PAADAttack,
 }
+#: Attacks that train something first (Robust Sarsa's Q, a PPO adversary): meant for the
+#: profile's ``final`` list (dense and chosen policy), not for screening every candidate.
+TRAINED = ("rs", "mad_rs", "sa_rl", "pa_ad")
+#: Attacks that need the victim's value function.
+NEEDS_CRITIC = ("critic",)
 
 
 def make_attack(name: str, ctx: AttackContext) -> Attack:
@@ -24,4 +37,12 @@ def make_attack(name: str, ctx: AttackContext) -> Attack:
     return factory(ctx)
 
 
-__all__ = ["ATTACKS", "Attack", "AttackContext", "make_attack"]
+__all__ = [
+    "ATTACKS",
+    "NEEDS_CRITIC",
+    "TRAINED",
+    "Attack",
+    "AttackBudget",
+    "AttackContext",
+    "make_attack",
+]

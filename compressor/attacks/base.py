@@ -2,40 +2,105 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from compressor.policy import Policy
 from compressor.threat import ThreatModel
 
+#: A state-value function on the policy's *normalised* observation (``ValueNet``).
+Critic = Callable[[torch.Tensor], torch.Tensor]
+
 
 class Attack(Protocol):
     """A policy-aware observation attack inside ``threat``'s ε-ball.
 
     ``perturb`` receives a batch of true raw observations and returns what the victim sees.
+    ``info`` says what building the attack cost (training steps, seconds, choices made); it is
+    empty for attacks that need no training.
     """
 
     name: str
     threat: ThreatModel
+    info: dict[str, Any]
 
     def perturb(self, obs: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
+class AttackBudget:
+    """Training budgets of the attacks that learn something before they attack.
+
+    :param pgd_steps: PGD steps of every gradient attack (literature: 10 of ε/10).
+    :param rs_episodes: episodes of the victim (stochastic actions) whose transitions train
+        Robust Sarsa's ``Q^π``.
+    :param rs_epochs: passes over those transitions per regulariser strength.
+    :param rs_reg: smoothness regulariser strengths to scan; the strongest attack is kept.
+    :param rs_scan_episodes: episodes (on seeds apart from the evaluation's) that pick it.
+    :param mad_rs_ratio: weight of MAD in the MAD+RS objective (the rest on RS's ``-Q``).
+    :param learned_steps: env steps of PPO training of each learned adversary (SA-RL, PA-AD).
+    :param learned_num_envs: parallel envs of that training.
+    """
+
+    pgd_steps: int = 10
+    rs_episodes: int = 20
+    rs_epochs: int = 30
+    rs_reg: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
+    rs_scan_episodes: int = 4
+    mad_rs_ratio: float = 0.2
+    learned_steps: int = 100_000
+    learned_num_envs: int = 8
+
+    @classmethod
+    def from_section(cls, section: Any) -> AttackBudget:
+        """The budgets named in a profile's ``[attacks]`` section (same field names)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
+
+
+@dataclass
 class AttackContext:
-    """What an attack may use: the victim, the threat model and a seeded RNG.
+    """What an attack may use: the victim, the threat model, a seeded RNG, and for the attacks
+    that need them, the environment, the victim's value function and a training budget.
 
     :param policy: the victim policy (its weights are read, never changed).
     :param threat: ε, norm and space.
-    :param seed: seed of the attack's own randomness (random start, uniform noise).
+    :param seed: seed of the attack's own randomness (random start, training).
+    :param critic: the victim's value function on normalised observations (critic attack).
+    :param env_id: the victim's environment (Robust Sarsa and learned adversaries train in it).
+    :param env_kwargs: kwargs for ``gymnasium.make``.
+    :param budget: training budgets.
+    :param save_dir: where learned adversaries and Q-functions save their weights (or None).
+    :param warm_start: folder of another policy's saved adversaries to start training from
+        (the dense policy's, when attacking a pruned candidate).
+    :param shared: scratch space shared by the attacks of one suite (MAD+RS reuses RS's Q).
     """
 
     policy: Policy
     threat: ThreatModel
     seed: int = 0
+    critic: Critic | None = None
+    env_id: str = ""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    budget: AttackBudget = field(default_factory=AttackBudget)
+    save_dir: Path | None = None
+    warm_start: Path | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
         """A fresh generator seeded with ``seed``."""
         return torch.Generator().manual_seed(self.seed)
+
+    def env(self) -> tuple[str, dict[str, Any]]:
+        """The environment to train in: ``env_id`` or the one the policy records."""
+        env_id = self.env_id or self.policy.spec.env_id
+        if not env_id:
+            from compressor.errors import CompressorError
+
+            raise CompressorError("this attack trains in the environment; pass --env ENV_ID")
+        return env_id, dict(self.env_kwargs or self.policy.spec.env_kwargs)

@@ -7,6 +7,8 @@ either is zero at ŝ = s, so PGD starts from a random point of the ball.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from compressor.attacks.base import AttackContext
@@ -18,10 +20,11 @@ class MADAttack:
 
     name = "mad"
 
-    def __init__(self, ctx: AttackContext, steps: int = 10) -> None:
+    def __init__(self, ctx: AttackContext, steps: int | None = None) -> None:
         self.threat = ctx.threat
+        self.info: dict[str, Any] = {}
         self.policy = ctx.policy
-        self.steps = steps
+        self.steps = steps if steps is not None else ctx.budget.pgd_steps
         self._scale = ctx.threat.scale(ctx.policy)
         self._gen = ctx.generator()
 

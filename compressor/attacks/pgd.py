@@ -43,12 +43,21 @@ def pgd(
         delta = sample_ball(tuple(x0.shape), eps, norm, generator).to(x0.dtype)
     else:
         delta = torch.zeros_like(x0)
-    with torch.no_grad():
-        best_val = objective(x0 + delta * scale)
     best = delta.clone()
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        val = objective(x0 + delta * scale)
+    best_val = torch.full((x0.shape[0],), -torch.inf, dtype=x0.dtype)
+    for i in range(steps + 1):
+        # one objective evaluation per iterate serves both the best-iterate bookkeeping and
+        # the gradient of the next step (the last iterate needs no gradient)
+        last = i == steps
+        delta.requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
+            val = objective(x0 + delta * scale)
+        with torch.no_grad():
+            better = val.detach() > best_val
+            best = torch.where(better[:, None], delta.detach(), best)
+            best_val = torch.where(better, val.detach(), best_val)
+        if last:
+            break
         (grad,) = torch.autograd.grad(val.sum(), delta)
         with torch.no_grad():
             if norm == "inf":
@@ -56,8 +65,4 @@ def pgd(
             else:
                 step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             delta = project(delta.detach() + alpha * step, eps, norm)
-            new_val = objective(x0 + delta * scale)
-            better = new_val > best_val
-            best[better] = delta[better]
-            best_val = torch.where(better, new_val, best_val)
     return (x0 + best * scale).detach()

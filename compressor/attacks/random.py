@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from compressor.attacks.base import AttackContext
@@ -15,6 +17,7 @@ class RandomAttack:
 
     def __init__(self, ctx: AttackContext) -> None:
         self.threat = ctx.threat
+        self.info: dict[str, Any] = {}
         self._scale = ctx.threat.scale(ctx.policy)
         self._gen = ctx.generator()
 

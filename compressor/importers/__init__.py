@@ -197,7 +197,7 @@ def load_norm_stats(path: str | Path) -> NormStats:
             count=float(raw.get("count", 0.0)),
             source=p.name,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CompressorError(f"{p}: malformed normalisation statistics ({exc})") from None
     stats.validate(p.name)
     return stats
@@ -249,7 +249,9 @@ def linear_chain(state: dict[str, Any], prefix: str, origin: str) -> list[Layer]
 def check_chain(layers: list[Layer], in_dim: int, what: str, origin: str) -> None:
     """Raise unless consecutive Linear layers fit together, starting from ``in_dim`` inputs."""
     size = in_dim
-    for i, (w, _) in enumerate(layers):
+    for i, (w, b) in enumerate(layers):
+        if w.dim() != 2 or b.shape != (w.shape[0],):  # e.g. action_net/value_net, read unchecked
+            raise CompressorError(f"{origin}: {what} layer {i} is not a Linear layer with bias")
         if w.shape[1] != size:
             raise CompressorError(
                 f"{origin}: {what} layer {i} takes {w.shape[1]} inputs but receives {size} "
@@ -271,12 +273,15 @@ def build_policy(
     :param origin: file name for error messages.
     :param log_std: state-independent log standard deviation (Gaussian heads).
     """
-    policy = Policy(spec)
-    if len(layers) != len(policy.layers):
+    if len(layers) != len(spec.hidden) + 1:
         raise CompressorError(
             f"{origin}: {len(layers)} layers do not match the spec's hidden sizes"
         )
+    # before Policy(spec): a corrupt obs_dim must not size an allocation the weights do not back
     check_chain(layers, spec.obs_dim, "policy", origin)
+    if [int(w.shape[0]) for w, _ in layers] != [*spec.hidden, spec.act_dim]:
+        raise CompressorError(f"{origin}: layer sizes do not match the spec's hidden sizes")
+    policy = Policy(spec)
     with torch.no_grad():
         for i, (w, b) in enumerate(layers):
             policy.get_parameter(f"layers.{i}.weight").copy_(w.to(torch.float32))

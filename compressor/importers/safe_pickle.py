@@ -11,6 +11,7 @@ them. Nothing is imported from those packages, so neither the old ``gym`` nor
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import pickletools
@@ -90,8 +91,10 @@ class PickledRecord:
         """The record's attribute dict (``__getstate__`` output, slot state merged in)."""
         state = self.state
         if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            merged = dict(state[0] or {})
-            merged.update(state[1] or {})
+            merged: dict[str, Any] = {}
+            for part in state:  # a corrupt pickle can put anything here: keep the dicts only
+                if isinstance(part, dict):
+                    merged.update(part)
             return merged
         return dict(state) if isinstance(state, dict) else {}
 
@@ -166,12 +169,17 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.refused = refused
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol 0-2 pickles spell Python 3 names the Python 2 way (__builtin__.set); map them
+        # back as pickle's own find_class does, before the allowlist sees them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
         if full in SAFE_GLOBALS:
             return SAFE_GLOBALS[full]
         if is_admitted(full):
             return _record_class(full)
-        names = ", ".join(dict.fromkeys([full, *self.refused]))
+        found = dict.fromkeys([full, *self.refused])  # a corrupt name may hold a newline: repr it
+        names = ", ".join(n if n.isprintable() else repr(n) for n in found)
         raise CompressorError(
             f"refused to load {names} from {self.origin}: pickles may only contain "
             f"{ALLOWED_SUMMARY} (nothing was executed; do not use this file if you did not make it)"
@@ -269,14 +277,18 @@ def load_vecnormalize(path: str | Path) -> NormStats:
         raise CompressorError(f"{p}: VecNormalize pickle has no obs_rms statistics")
     rms_fields = rms.fields()
     clip = fields.get("clip_obs")
-    stats = NormStats(
-        mean=_as_vector(rms_fields.get("mean"), "obs_rms.mean", p.name),
-        var=_as_vector(rms_fields.get("var"), "obs_rms.var", p.name),
-        clip_obs=None if clip is None or not np.isfinite(float(clip)) else float(clip),
-        epsilon=float(fields.get("epsilon", 1e-8)),
-        norm_obs=bool(fields.get("norm_obs", True)),
-        count=float(rms_fields.get("count", 0.0)),
-        source=p.name,
-    )
+    try:
+        stats = NormStats(
+            mean=_as_vector(rms_fields.get("mean"), "obs_rms.mean", p.name),
+            var=_as_vector(rms_fields.get("var"), "obs_rms.var", p.name),
+            clip_obs=None if clip is None or not np.isfinite(float(clip)) else float(clip),
+            epsilon=float(fields.get("epsilon", 1e-8)),
+            norm_obs=bool(fields.get("norm_obs", True)),
+            count=float(rms_fields.get("count", 0.0)),
+            source=p.name,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:  # a field of the wrong kind
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CompressorError(f"{p}: malformed VecNormalize fields ({detail})") from None
     stats.validate(p.name)
     return stats

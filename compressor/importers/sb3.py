@@ -26,6 +26,7 @@ from compressor.importers import (
     ImportResult,
     apply_norm_stats,
     build_policy,
+    check_chain,
     critic_entry,
     linear_chain,
     load_norm_stats,
@@ -97,17 +98,23 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], d
             for member in ("_stable_baselines3_version", "system_info.txt"):
                 if member in names:
                     versions[member] = _read_member(zf, member, origin).decode("utf-8", "replace")
-    except zipfile.BadZipFile as exc:
+    except (
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+        NotImplementedError,
+    ) as exc:  # the latter: a corrupt member name
         raise CompressorError(f"{origin}: truncated or corrupt zip file ({exc})") from None
     try:
         data = json.loads(raw_data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CompressorError(f"{origin}: the 'data' member is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise CompressorError(f"{origin}: the 'data' member is not an SB3 parameter dict")
     _check_serialized_fields(data, origin)
     state = torch_load_safe(raw_policy, f"{origin}:policy.pth")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CompressorError(f"{origin}: policy.pth is not a state dict of tensors")
     return data, state, versions
 
@@ -136,8 +143,8 @@ def _check_serialized_fields(data: dict[str, Any], origin: str) -> None:
 
 # ---- plain-field parsing -----------------------------------------------------------------------
 def _space_kind(space: Any) -> str:
-    t = space.get(":type:", "") if isinstance(space, dict) else ""
-    m = re.search(r"spaces\.\w+\.(\w+)'", t)
+    t = space.get(":type:") if isinstance(space, dict) else None
+    m = re.search(r"spaces\.\w+\.(\w+)'", t) if isinstance(t, str) else None
     return m.group(1) if m else "unknown"
 
 
@@ -326,6 +333,7 @@ def import_sb3(
     if "action_net.weight" not in state or "action_net.bias" not in state:
         raise CompressorError(f"{origin}: policy.pth has no action_net (not an SB3 policy?)")
     layers = [*pi, (state["action_net.weight"], state["action_net.bias"])]
+    check_chain(layers, obs_dim, "policy", origin)  # every layer a Linear with bias, sizes fit
     if layers[-1][0].shape[0] != act_dim:
         raise CompressorError(
             f"{origin}: action_net has {layers[-1][0].shape[0]} outputs, expected {act_dim}"
