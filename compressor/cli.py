@@ -112,10 +112,35 @@ def _setup_torch() -> None:
 
 
 # ---- main job ---------------------------------------------------------------------------------
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor", help="Where evaluations and candidates run: local (process pool) or ray."
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Parallel workers (default: the cores; 1 runs everything in this process). With "
+        "ray and --address local: the CPUs of a private Ray instance.",
+    ),
+]
+AddressOpt = Annotated[
+    str,
+    typer.Option("--address", help="Ray cluster: auto, HOST:PORT, or local (a private one)."),
+]
+
+
 @app.command(rich_help_panel=PANEL_MAIN)
 def run(
-    src: Annotated[
-        str, typer.Argument(help="Policy file (.pt, SB3 .zip, CleanRL) or profile name.")
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Policy file(s) (.pt, SB3 .zip, CleanRL), profile name(s), or folder(s) of "
+            "policies: several make a batch, one run directory each and a summary table.",
+            show_default=False,
+        ),
     ],
     budget: Annotated[
         float, typer.Option(help="Fraction of the return scale that may be lost.")
@@ -133,26 +158,66 @@ def run(
             help="magnitude, micro, structured or random (default: the profile's prune.method).",
         ),
     ] = None,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = None,
+    address: AddressOpt = "local",
     as_json: JsonOpt = False,
 ) -> None:
     """Measure, prune, fine-tune, certify and export: the whole compression job."""
+    from compressor.batch import BatchRow, expand_sources, run_batch
     from compressor.config import load_target
+    from compressor.executor import default_workers, make_executor
     from compressor.pipeline import run_pipeline
     from compressor.progress import Reporter
 
-    path = resolve_source(src)
+    if not sources:
+        raise CompressorError("give a policy file, a profile name or a folder of policies")
     tgt = load_target(target)
-    result = run_pipeline(
-        path,
-        budget=budget,
-        profile=profile,
-        target=tgt,
-        out_root=out_dir,
-        name=name or (src if not Path(src).exists() else None),
-        command=["compress", *sys.argv[1:]],
-        reporter=Reporter(enabled=True),
-        prune_method=prune_method,
-    )
+    single = len(sources) == 1 and not Path(sources[0]).is_dir()
+    paths = [resolve_source(sources[0])] if single else expand_sources(sources, resolve_source)
+    if name is not None and not single:
+        raise CompressorError("--name names one run; in a batch each run is named after its policy")
+    ex = make_executor(executor, workers or default_workers(), address)
+    try:
+
+        def run_one(path: Path, run_name: str | None) -> Any:
+            return run_pipeline(
+                path,
+                budget=budget,
+                profile=profile,
+                target=tgt,
+                out_root=out_dir,
+                name=run_name,
+                command=["compress", *sys.argv[1:]],
+                reporter=Reporter(enabled=True),
+                prune_method=prune_method,
+                executor=ex,
+            )
+
+        if single:
+            src = sources[0]
+            result = run_one(paths[0], name or (src if not Path(src).exists() else None))
+        else:
+
+            def batch_one(path: Path, run_name: str) -> tuple[dict[str, Any], Path]:
+                err.print(f"[bold]── {path} → {out_dir / run_name}[/bold]")
+                res = run_one(path, run_name)
+                return res.report, res.run_dir
+
+            def show(row: BatchRow) -> None:
+                if row.status == "error":
+                    err.print(f"[red]error[/red] {row.source}: {row.error}", highlight=False)
+
+            rows = run_batch(paths, out_dir, batch_one, on_row=show)
+    finally:
+        ex.close()
+    if not single:
+        _batch_summary(rows, out_dir, as_json)
+        if any(r.status == "error" for r in rows):
+            raise typer.Exit(3)
+        if any(r.status == "fail" for r in rows):
+            raise typer.Exit(EXIT_BUDGET_NOT_MET)
+        return
     r = result.report
     if as_json:
         _emit({"run_dir": str(result.run_dir), **r}, True)
@@ -164,6 +229,49 @@ def run(
         out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s")
     if not result.passed:
         raise typer.Exit(EXIT_BUDGET_NOT_MET)
+
+
+def _batch_summary(rows: list[Any], out_dir: Path, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from compressor.batch import SUMMARY_FILE
+
+    if as_json:
+        _emit({"runs": [asdict(r) for r in rows]}, True)
+        return
+
+    def num(x: float | None, spec: str = ".1f") -> str:
+        return "–" if x is None else format(x, spec)
+
+    t = Table(
+        "policy",
+        "env",
+        "result",
+        "sparsity",
+        "clean",
+        "robust",
+        "Lipschitz",
+        "ONNX B",
+        "time s",
+        title=f"batch summary (dense → chosen; {out_dir / SUMMARY_FILE})",
+    )
+    for r in rows:
+        t.add_row(
+            r.run_name,
+            r.env_id or "–",
+            r.status,
+            num(r.chosen_sparsity, ".1%"),
+            f"{num(r.dense_clean)} → {num(r.chosen_clean)}",
+            f"{num(r.dense_robust)} → {num(r.chosen_robust)}",
+            f"{num(r.dense_lipschitz, '.4g')} → {num(r.chosen_lipschitz, '.4g')}",
+            num(r.onnx_bytes, "d"),
+            num(r.wall_s),
+        )
+    wide = Console(width=max(out.width, 150)) if not out.is_terminal else out
+    wide.print(t)
+    for r in rows:
+        if r.status == "error":
+            wide.print(f"[red]error[/red] {r.run_name}: {r.error}", highlight=False)
 
 
 @app.command(rich_help_panel=PANEL_MAIN)

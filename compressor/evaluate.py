@@ -235,37 +235,33 @@ def evaluate_suite(
         ``shared`` scratch space is common to a serial suite: MAD+RS reuses RS's ``Q``).
     """
     base = context or AttackContext(policy, threat, attack_seed, env_id=env_id)
-    if executor is not None and executor.workers > 1:
-        names = list(attacks) if clean is not None else ["clean", *attacks]
+    names = list(attacks) if clean is not None else ["clean", *attacks]
+    done: dict[str, EvalResult] = {}
+    if executor is not None and executor.workers > 1 and len(names) > 1:
         if on_stage:
             on_stage(f"{', '.join(names)} on {executor.workers} workers")
         jobs = [
             (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs, base)
             for n in names
         ]
-        done = dict(zip(names, executor.map(_suite_job, jobs)))
-        out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
-        out.attacks = {n: done[n] for n in attacks}
-        return out
-    if clean is None:
-        if on_stage:
-            on_stage("clean")
-        clean, _ = evaluate(policy, env_id, env_kwargs, seeds, num_envs=num_envs)
-    out = SuiteResult(clean=clean, threat=threat)
-    for name in attacks:
-        if on_stage:
-            on_stage(name)
-        out.attacks[name] = evaluate_attack(
-            policy,
-            env_id,
-            env_kwargs,
-            seeds,
-            name,
-            threat,
-            attack_seed=attack_seed,
-            num_envs=num_envs,
-            context=dataclasses.replace(base),
-        )
+        done = dict(zip(names, executor.map(_suite_job, jobs), strict=True))
+    else:
+        for n in names:
+            if on_stage:
+                on_stage(n)
+            done[n] = _suite_job(
+                policy,
+                env_id,
+                env_kwargs,
+                seeds,
+                n,
+                threat,
+                attack_seed,
+                num_envs,
+                dataclasses.replace(base),  # one suite's attacks share base.shared
+            )
+    out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
+    out.attacks = {n: done[n] for n in attacks}
     return out
 
 

@@ -33,6 +33,8 @@ class Executor(Protocol):
 
     name: str
     workers: int
+    #: highest peak memory (MiB) any worker process reported (0: jobs run in this process)
+    peak_worker_rss_mb: float
 
     def map(self, fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]]) -> list[R]: ...
 
@@ -48,8 +50,18 @@ def limit_threads() -> None:
     torch.set_num_threads(1)
 
 
-def _call(fn: Callable[..., R], args: tuple[Any, ...]) -> R:
-    return fn(*args)
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
+
+
+def _call(fn: Callable[..., R], args: tuple[Any, ...]) -> tuple[R, float]:
+    """Runs a job in a worker; returns its result and the worker's peak memory (MiB)."""
+    return fn(*args), peak_rss_mb()
 
 
 @dataclass
@@ -58,6 +70,7 @@ class SerialExecutor:
 
     name: str = "local"
     workers: int = 1
+    peak_worker_rss_mb: float = 0.0
 
     def map(self, fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]]) -> list[R]:
         return [fn(*args) for args in jobs]
@@ -77,6 +90,7 @@ class LocalExecutor:
     workers: int
     retries: int = 2
     name: str = "local"
+    peak_worker_rss_mb: float = 0.0
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
 
     def _fresh_pool(self) -> ProcessPoolExecutor:
@@ -89,28 +103,42 @@ class LocalExecutor:
 
     def map(self, fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]]) -> list[R]:
         results: dict[int, R] = {}
-        attempts = dict.fromkeys(range(len(jobs)), 0)
-        pending = list(range(len(jobs)))
-        while pending:
-            pool = self._pool or self._fresh_pool()
-            futures: dict[int, Future[R]] = {i: pool.submit(_call, fn, jobs[i]) for i in pending}
-            died: list[int] = []
-            for i, fut in futures.items():
-                try:
-                    results[i] = fut.result()
-                except BrokenProcessPool:
-                    died.append(i)
-            for i in died:
-                attempts[i] += 1
-                if attempts[i] > self.retries:
+        died = self._round(fn, jobs, range(len(jobs)), results)
+        # a dead worker breaks the whole pool, so the jobs beside it die too: rerun each alone,
+        # so that a job that dies again is the one that kills its worker
+        for i in died:
+            for attempt in range(1, self.retries + 2):
+                if not self._round(fn, jobs, [i], results):
+                    break
+                if attempt > self.retries:
                     raise CompressorError(
-                        f"a worker died {attempts[i]} times running job {i} of {len(jobs)}; "
+                        f"a worker died {attempt + 1} times running job {i} of {len(jobs)}; "
                         "giving up (out of memory?)"
                     )
-            if died:
-                self._fresh_pool()
-            pending = died
         return [results[i] for i in range(len(jobs))]
+
+    def _round(
+        self,
+        fn: Callable[..., R],
+        jobs: Sequence[tuple[Any, ...]],
+        which: Sequence[int],
+        results: dict[int, R],
+    ) -> list[int]:
+        """Runs jobs ``which`` side by side into ``results``; returns those whose worker died."""
+        pool = self._pool or self._fresh_pool()
+        futures: dict[int, Future[tuple[R, float]]] = {
+            i: pool.submit(_call, fn, jobs[i]) for i in which
+        }
+        died: list[int] = []
+        for i, fut in futures.items():
+            try:
+                results[i], rss = fut.result()
+                self.peak_worker_rss_mb = max(self.peak_worker_rss_mb, rss)
+            except BrokenProcessPool:
+                died.append(i)
+        if died:
+            self._fresh_pool()
+        return died
 
     def close(self) -> None:
         if self._pool is not None:
@@ -132,6 +160,7 @@ class RayExecutor:
     workers: int = 2
     retries: int = 2
     name: str = "ray"
+    peak_worker_rss_mb: float = 0.0
     _started: bool = field(default=False, repr=False)
 
     def _ray(self) -> Any:
@@ -162,7 +191,9 @@ class RayExecutor:
     def map(self, fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]]) -> list[R]:
         ray = self._ray()
         task = ray.remote(num_cpus=1, max_retries=self.retries)(_ray_job)
-        return list(ray.get([task.remote(fn, args) for args in jobs]))
+        out = ray.get([task.remote(fn, args) for args in jobs])
+        self.peak_worker_rss_mb = max([self.peak_worker_rss_mb, *(rss for _, rss in out)])
+        return [r for r, _ in out]
 
     def close(self) -> None:
         if self._started:
@@ -172,9 +203,9 @@ class RayExecutor:
             self._started = False
 
 
-def _ray_job(fn: Callable[..., R], args: tuple[Any, ...]) -> R:
+def _ray_job(fn: Callable[..., R], args: tuple[Any, ...]) -> tuple[R, float]:
     limit_threads()
-    return fn(*args)
+    return _call(fn, args)
 
 
 def make_executor(kind: str = "local", workers: int = 1, address: str = "local") -> Executor:

@@ -2,7 +2,9 @@
 
 A candidate's policy is written (atomically) to ``candidates/`` before its line is appended to
 ``journal.jsonl``; a line is therefore only ever present for a candidate whose weights are on
-disk, and a line cut short by a kill is ignored. A run directory belongs to one configuration:
+disk, and a line cut short by a kill is ignored. With several workers the journal may also hold
+levels a wider search round finished but the search did not visit; they are reused, if needed,
+on resume, and never reported. A run directory belongs to one configuration:
 re-running the same command resumes it, a changed configuration is refused, never mixed in.
 """
 

@@ -25,6 +25,7 @@ from compressor.config import Profile, Target, load_profile, profile_for_env
 from compressor.envs import check_policy_fits_env
 from compressor.errors import CompressorError
 from compressor.evaluate import SuiteResult, evaluate, evaluate_suite, random_action_return
+from compressor.executor import Executor, SerialExecutor
 from compressor.export import export_onnx
 from compressor.finetune import (
     FinetuneConfig,
@@ -35,6 +36,7 @@ from compressor.finetune import (
 from compressor.frontier import frontier_analysis
 from compressor.journal import Journal, open_run_dir
 from compressor.loading import LoadedPolicy, load_policy
+from compressor.performance import performance_block, suite_steps, training_steps
 from compressor.policy import Policy, save_policy
 from compressor.progress import Reporter
 from compressor.report import build_report, write_report
@@ -93,6 +95,7 @@ def run_pipeline(
     command: list[str] | None = None,
     reporter: Reporter | None = None,
     prune_method: str | None = None,
+    executor: Executor | None = None,
 ) -> RunResult:
     """Compress ``src`` within ``budget`` and write the run directory.
 
@@ -105,10 +108,13 @@ def run_pipeline(
     :param command: the command line, recorded in the report.
     :param reporter: progress display and stage timer.
     :param prune_method: overrides the profile's ``[prune] method``.
+    :param executor: where the attack-suite evaluations and the search's candidates run
+        (default: in this process); the numbers do not depend on it. The caller closes it.
     """
     if not 0.0 < budget < 1.0:
         raise CompressorError(f"--budget must be in (0, 1), got {budget}")
     rep = reporter or Reporter(enabled=False)
+    ex = executor or SerialExecutor()
     t_start = time.perf_counter()
     torch.set_num_threads(1)  # tiny MLPs: threads only add overhead and oversubscribe cores
     loaded = load_policy(src)
@@ -179,6 +185,7 @@ def run_pipeline(
             attack_seed=prof.attacks.seed,
             num_envs=n_envs,
             on_stage=bump,
+            executor=ex,
             context=dataclasses.replace(attack_ctx, save_dir=adv_dir / "dense"),
         )
         rand_ret = random_action_return(env_id, env_kwargs, seeds, n_envs)
@@ -203,20 +210,9 @@ def run_pipeline(
     pick = np.random.default_rng(0).permutation(len(states))[: prof.certificate.states]
     cert_states = states[pick]
 
-    def certify_at_states(pol: Policy) -> dict[str, Any]:
-        return certify_states(
-            pol,
-            cert_states,
-            threat,
-            tau=prof.certificate.tau,
-            method=prof.certificate.local_method,
-            empirical_states=prof.certificate.empirical_states,
-            seed=prof.attacks.seed,
-        )
-
     with rep.stage("certify dense"):
         dense_certs = certify_all(dense, threat, prof)
-        dense_local = certify_at_states(dense)
+        dense_local = certify_at_states(dense, cert_states, threat, prof)
     dense_cert = dense_certs[threat.norm]
     screen_dense = _subset(dense_suite, prof.attacks.screen)
     rule = Budget(
@@ -227,68 +223,60 @@ def run_pipeline(
         dense_lipschitz=dense_cert.lipschitz,
         max_tv=prof.search.max_tv,
     )
-    ft_cfg = finetune_config(prof)
-    collect = student_state_collector(prof, env_kwargs, n_envs)
+    job = CandidateJob(
+        dense=dense,
+        prof=prof,
+        threat=threat,
+        rule=rule,
+        states=states,
+        cert_states=cert_states,
+        seeds=seeds,
+        env_kwargs=env_kwargs,
+        attack_ctx=attack_ctx,
+    )
 
-    def evaluate_at(sparsity: float) -> Candidate:
-        if Journal.key(sparsity) in finished:
-            c = finished[Journal.key(sparsity)]
+    search_suites: list[SuiteResult] = []  # evaluated in this invocation (resumed ones are not)
+
+    def evaluate_many(levels: list[float]) -> list[Candidate]:
+        todo = [s for s in levels if Journal.key(s) not in finished]
+        for s in levels:
+            if Journal.key(s) in finished:
+                c = finished[Journal.key(s)]
+                verdict = "pass" if c.passed else "fail"
+                rep.info(f"  sparsity {c.sparsity:.3f}: from the journal ({verdict})")
+        built: list[Candidate] = []
+        if ex.workers > 1 and len(todo) > 1:
+            names = ", ".join(f"{s:.3f}" for s in todo)
+            with rep.stage(f"search: sparsity {names} on {ex.workers} {ex.name} workers"):
+                built = ex.map(build_candidate, [(job, s) for s in todo])
+        else:
+            for s in todo:
+                steps = len(prof.attacks.screen) + 2
+                with rep.stage(f"search: sparsity {s:.3f}", total=steps) as upd:
+                    built.append(build_candidate(job, s, upd))
+        for c in built:
+            search_suites.append(c.suite)
+            journal.record(c)
+            finished[Journal.key(c.target_sparsity)] = c
+            verdict = (
+                "[green]pass[/green]" if c.passed else f"[red]fail[/red]: {'; '.join(c.reasons)}"
+            )
             rep.info(
-                f"  sparsity {c.sparsity:.3f}: from the journal ({'pass' if c.passed else 'fail'})"
+                f"  sparsity {c.sparsity:.3f}: clean {c.suite.clean.stats.mean:.1f}, robust "
+                f"{c.suite.robust_return:.1f}, Lipschitz {c.certificate.lipschitz:.4g} → {verdict}"
             )
-            return c
-        t0 = time.perf_counter()
-        with rep.stage(f"search: sparsity {sparsity:.3f}", total=len(prof.attacks.screen) + 2) as u:
-            u(0)
-            cand, ft = prune_candidate(dense, sparsity, prof, states, threat, collect, ft_cfg)
-            u(1)
-            cnt = [1]
-
-            def step(_: str) -> None:
-                cnt[0] += 1
-                u(cnt[0])
-
-            suite = evaluate_suite(
-                cand,
-                env_id,
-                env_kwargs,
-                seeds,
-                prof.attacks.screen,
-                threat,
-                attack_seed=prof.attacks.seed,
-                num_envs=n_envs,
-                on_stage=step,
-                context=dataclasses.replace(attack_ctx, policy=cand, shared={}),
-            )
-            cert = certify_global(cand, threat, prof.certificate.tau)
-            local = certify_at_states(cand)
-        c = Candidate(
-            target_sparsity=sparsity,
-            sparsity=cand.sparsity(),
-            suite=suite,
-            certificate=cert,
-            finetune=ft,
-            params_nonzero=cand.num_parameters(nonzero_only=True),
-            reasons=rule.check(suite, cert),
-            wall_s=time.perf_counter() - t0,
-            local=local,
-            policy=cand,
-        )
-        journal.record(c)
-        verdict = "[green]pass[/green]" if c.passed else f"[red]fail[/red]: {'; '.join(c.reasons)}"
-        rep.info(
-            f"  sparsity {c.sparsity:.3f}: clean {suite.clean.stats.mean:.1f}, robust "
-            f"{suite.robust_return:.1f}, Lipschitz {cert.lipschitz:.4g} → {verdict}"
-        )
-        return c
+        return [finished[Journal.key(s)] for s in levels]
 
     t_search = time.perf_counter()
-    result: SearchResult = search_sparsity(evaluate_at, prof.search.grid, prof.search.refine, rule)
+    result: SearchResult = search_sparsity(
+        evaluate_many, prof.search.grid, prof.search.refine, rule, width=ex.workers
+    )
     rep.timings["search"] = time.perf_counter() - t_search
 
     # ---- chosen: the rest of the attack suite, certificates, export --------------------------
     chosen = result.chosen
     chosen_block: dict[str, Any] | None = None
+    final_suites: list[SuiteResult] = []
     if chosen is not None and chosen.policy is not None:
         pol = chosen.policy
         extra = [a for a in prof.attacks.final if a not in prof.attacks.screen]
@@ -303,6 +291,7 @@ def run_pipeline(
                 attack_seed=prof.attacks.seed,
                 num_envs=n_envs,
                 clean=chosen.suite.clean,
+                executor=ex,
                 context=dataclasses.replace(
                     attack_ctx,
                     policy=pol,
@@ -311,6 +300,7 @@ def run_pipeline(
                     shared={},
                 ),
             )
+            final_suites.append(dataclasses.replace(final_suite, attacks=dict(final_suite.attacks)))
             final_suite.attacks = {**chosen.suite.attacks, **final_suite.attacks}
         with rep.stage("certify chosen"):
             chosen_certs = certify_all(pol, threat, prof)
@@ -369,9 +359,109 @@ def run_pipeline(
             prof.reference.source,
         ),
     )
+    report["performance"] = performance_block(
+        rep.timings,
+        {
+            "evaluate dense": suite_steps([dense_suite]),
+            "collect states": states_res.steps,
+            "search": suite_steps(search_suites),
+            "evaluate chosen (final attacks)": suite_steps(final_suites, include_clean=False),
+        },
+        ex,
+        {"attack_training_env_steps": training_steps([dense_suite, *search_suites, *final_suites])},
+    )
     with rep.stage("report"):
         write_report(report, run_dir)
     return RunResult(run_dir, report, chosen is not None)
+
+
+@dataclass
+class CandidateJob:
+    """What building one candidate needs, as plain data, so any executor's worker can run it.
+
+    :param dense: the dense policy. :param prof: the run's profile.
+    :param threat: the threat model. :param rule: the budget rule.
+    :param states: the dense policy's visited states (distillation).
+    :param cert_states: the fixed sample of them for local certificates.
+    :param seeds: the evaluation episode seeds shared by every candidate.
+    :param env_kwargs: kwargs for the environment.
+    :param attack_ctx: the attack context (critic, budgets) of the run.
+    """
+
+    dense: Policy
+    prof: Profile
+    threat: ThreatModel
+    rule: Budget
+    states: np.ndarray
+    cert_states: np.ndarray
+    seeds: list[int]
+    env_kwargs: dict[str, Any]
+    attack_ctx: AttackContext
+
+
+def build_candidate(
+    job: CandidateJob, sparsity: float, on_progress: Callable[[int], None] | None = None
+) -> Candidate:
+    """Prune to ``sparsity``, fine-tune with the mask fixed, evaluate on the shared seeds under
+    the screening attacks, certify, and apply the budget rule (an executor job: its result
+    depends only on ``job`` and ``sparsity``).
+
+    :param on_progress: called with the number of sub-steps done (pruned, then each evaluation).
+    """
+    prof, threat = job.prof, job.threat
+    upd = on_progress or (lambda _n: None)
+    t0 = time.perf_counter()
+    upd(0)
+    collect = student_state_collector(prof, job.env_kwargs, prof.evaluation.num_envs)
+    cand, ft = prune_candidate(job.dense, sparsity, prof, job.states, threat, collect)
+    upd(1)
+    done = [1]
+
+    def step(_: str) -> None:
+        done[0] += 1
+        upd(done[0])
+
+    suite = evaluate_suite(
+        cand,
+        prof.env.id,
+        job.env_kwargs,
+        job.seeds,
+        prof.attacks.screen,
+        threat,
+        attack_seed=prof.attacks.seed,
+        num_envs=prof.evaluation.num_envs,
+        on_stage=step,
+        context=dataclasses.replace(job.attack_ctx, policy=cand, shared={}),
+    )
+    cert = certify_global(cand, threat, prof.certificate.tau)
+    return Candidate(
+        target_sparsity=sparsity,
+        sparsity=cand.sparsity(),
+        suite=suite,
+        certificate=cert,
+        finetune=ft,
+        params_nonzero=cand.num_parameters(nonzero_only=True),
+        reasons=job.rule.check(suite, cert),
+        wall_s=time.perf_counter() - t0,
+        local=certify_at_states(cand, job.cert_states, threat, prof),
+        policy=cand,
+    )
+
+
+def certify_at_states(
+    policy: Policy, states: np.ndarray, threat: ThreatModel, prof: Profile
+) -> dict[str, Any]:
+    """The local certificate (and PGD's empirical shift) at the run's fixed sample of states."""
+    c = prof.certificate
+    return certify_states(
+        policy,
+        states,
+        threat,
+        tau=c.tau,
+        method=c.local_method,
+        empirical_states=c.empirical_states,
+        seed=prof.attacks.seed,
+    )
 
 
 def finetune_config(prof: Profile) -> FinetuneConfig:

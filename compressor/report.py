@@ -7,9 +7,11 @@ from other fields (the sweet spot, the regret decomposition) are computed once, 
 JSON's ``derived`` block, and rendered from there.
 
 Schema (``compressor/schema/report.schema.json``) is append-only: version 2 adds optional
-fields to version 1 and removes none. ``compress report RUN_DIR`` re-renders a run without
-recomputing; a version-1 report is completed from the files beside it (the journal, the chosen
-``policy.pt``) where they exist.
+fields to version 1 and removes none; version 3 adds the optional ``frontier_analysis`` block
+(:mod:`compressor.frontier`). ``compress report RUN_DIR`` re-renders a run without recomputing;
+a version-1 report is completed from the files beside it (the journal, the chosen
+``policy.pt``) where they exist, and an older report without ``frontier_analysis`` is rendered
+without that section.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # the renderers need none of the pipeline's modules at run ti
     from compressor.threat import ThreatModel
 
 SCHEMA = "edge-policy-compressor/report"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_FILE = Path(__file__).parent / "schema" / "report.schema.json"
 PACKAGES = (
     "edge-policy-compressor",

@@ -30,6 +30,7 @@ KNOWN = {
     "dense",
     "chosen",
     "frontier",
+    "frontier_analysis",
     "timings_s",
     "profile",
     "target",
@@ -361,6 +362,74 @@ def _regret(r: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _frontier_analysis(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``frontier_analysis`` block (schema v3): one row per evaluated sparsity with its
+    regret split, the sweet spot and the budget's choice marked; None when the report has none."""
+    fa = r.get("frontier_analysis")
+    if not fa:
+        return None
+    sw, ch = fa["sweet_spot"], fa.get("budget_choice")
+    pts = [fa["dense"], *fa["points"]]
+    # the row the sweet spot names: same sparsity and score (dense and a 0% candidate can tie)
+    sweet_row = next(
+        (p for p in pts if p["sparsity"] == sw["sparsity"] and p["score"] == sw["score"]),
+        next((p for p in pts if p["sparsity"] == sw["sparsity"]), None),
+    )
+    chosen_row = next(
+        (p for p in fa["points"] if ch is not None and p["sparsity"] == ch["sparsity"]), None
+    )
+    rows = []
+    for p in pts:
+        marks = [
+            m for m, row in (("sweet spot", sweet_row), ("budget's choice", chosen_row)) if p is row
+        ]
+        g = p["regret"]
+        rows.append(
+            [
+                "dense" if p["label"] == "dense" else pct(p["sparsity"]),
+                num(p["clean_return"]),
+                num(p["robust_return"])
+                + (f" ({p['strongest_attack']})" if p["strongest_attack"] else ""),
+                sci(p["lipschitz"]),
+                sci(p["certified_radius"]),
+                num(g["clean_regret"]),
+                num(g["pruning_loss"]),
+                num(g["attack_gap"]),
+                num(g["total"]),
+                num(p["score"], 3),
+                "—" if p["passed"] is None else "pass" if p["passed"] else "fail",
+                ", ".join(marks),
+            ]
+        )
+    head = [
+        "sparsity",
+        "clean return",
+        "robust return (worst attack)",
+        "certified bound (global)",
+        "certified radius",
+        "clean regret",
+        "pruning loss",
+        "attack gap",
+        "total regret",
+        "score",
+        "budget",
+        "mark",
+    ]
+    where = "the dense policy" if sweet_row is fa["dense"] else f"sparsity {pct(sw['sparsity'])}"
+    if ch is None:
+        choice = "nothing met the budget"
+    elif chosen_row is not None and chosen_row is sweet_row:
+        choice = "the budget chose the same sparsity"
+    else:
+        choice = f"the budget chose {pct(ch['sparsity'])} (score {num(ch['score'], 3)})"
+    return {
+        "note": f"Sweet spot: {where} (score {num(sw['score'], 3)}); {choice}; regret is "
+        f"measured against J(π*) = {num(fa['best_known_return'])}: {fa['best_known_source']}.",
+        "score": f"Score: {fa['score_definition']}.",
+        "table": _table(head, rows, "lrrrrrrrrrll"),
+    }
+
+
 def _layers(r: dict[str, Any]) -> dict[str, Any] | None:
     d, c = r["dense"], r.get("chosen")
     src = (c or d).get("layers")
@@ -623,6 +692,7 @@ def view(r: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
         "products": products,
         "frontier": _frontier(r),
         "regret": _regret(r),
+        "frontier_analysis": _frontier_analysis(r),
         "layers": _layers(r),
         "deployment": _deployment(r),
         "timings": timings,

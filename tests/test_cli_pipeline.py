@@ -126,8 +126,12 @@ def test_run_writes_checked_onnx_and_report(tmp_path: Path) -> None:
     assert len(report["frontier"]) >= 2
     for f in report["frontier"]:
         assert f["passed"] == (not f["reasons"])
-    # the journal has one line per evaluated candidate
-    assert len((run_dir / "journal.jsonl").read_text().splitlines()) == len(report["frontier"])
+    # every visited candidate has its journal line (workers may also have finished levels the
+    # search then did not need: they are journalled too, for a resumed run, not reported)
+    lines = (run_dir / "journal.jsonl").read_text().splitlines()
+    journalled = [json.loads(line)["target_sparsity"] for line in lines]
+    assert len(journalled) == len(set(journalled))
+    assert {f["target_sparsity"] for f in report["frontier"]} <= set(journalled)
     md = (run_dir / "report.md").read_text()
     if r.returncode == 0:
         chosen = report["chosen"]
@@ -160,3 +164,47 @@ def test_full_hopper_run(tmp_path: Path) -> None:
     assert report["chosen"]["sparsity"] >= 0.5
     for name in ("policy.onnx", "policy.pt", "report.json", "report.md"):
         assert (Path(report["run_dir"]) / name).is_file()
+
+
+def test_batch_run_over_a_folder_keeps_going_and_summarises(tmp_path: Path) -> None:
+    prof = tmp_path / "tiny.toml"
+    one_level = TINY_PROFILE.replace("grid = [0.5, 0.9]\nrefine = 1", "grid = [0.5]\nrefine = 0")
+    assert one_level != TINY_PROFILE
+    prof.write_text(one_level)
+    pols = tmp_path / "policies"
+    for sub in ("a", "b"):
+        (pols / sub).mkdir(parents=True)
+        (pols / sub / "policy.pt").write_bytes(Path(CARTPOLE).read_bytes())
+    (pols / "c").mkdir()
+    (pols / "c" / "broken.pt").write_bytes(b"\x00not a policy" * 10)
+    out = tmp_path / "runs"
+    r = compress("run", str(pols), "--profile", str(prof), "--out", str(out), "--workers", "1")
+    assert r.returncode == 3, r.stderr  # one policy was bad; the others still ran
+    summary = json.loads((out / "batch-summary.json").read_text())["runs"]
+    by_name = {row["run_name"]: row for row in summary}
+    assert set(by_name) == {"a-policy", "b-policy", "broken"}
+    assert by_name["broken"]["status"] == "error" and "broken.pt" in by_name["broken"]["error"]
+    for name in ("a-policy", "b-policy"):
+        row = by_name[name]
+        assert row["status"] in ("pass", "fail") and row["env_id"] == "CartPole-v1"
+        report = json.loads((out / name / "report.json").read_text())
+        assert row["dense_clean"] == report["dense"]["clean_return"]
+        assert row["chosen_sparsity"] == report["verdict"]["chosen_sparsity"]
+    # the same file twice gives the same numbers in both run directories
+    assert by_name["a-policy"]["chosen_clean"] == by_name["b-policy"]["chosen_clean"]
+    assert "batch summary" in r.stdout and "a-policy" in r.stdout
+
+
+def test_batch_names_and_errors(tmp_path: Path) -> None:
+    from compressor.batch import run_names
+    from compressor.errors import CompressorError
+
+    paths = [Path("x/sb3-hopper/model.zip"), Path("y/sb3-walker/model.zip"), Path("z/own.pt")]
+    assert run_names(paths) == ["sb3-hopper-model", "sb3-walker-model", "own"]
+    (tmp_path / "empty").mkdir()
+    r = compress("run", str(tmp_path / "empty"))
+    assert r.returncode == 3 and "no policy files" in r.stderr
+    r = compress("run", CARTPOLE, CARTPOLE, "--name", "x")
+    assert r.returncode == 3 and "--name" in r.stderr
+    with pytest.raises(CompressorError):
+        run_names([Path("a/p.pt"), Path("a/p.pt")])

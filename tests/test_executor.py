@@ -103,3 +103,98 @@ def test_bad_executor_settings() -> None:
     with pytest.raises(CompressorError, match="workers"):
         make_executor("local", workers=0)
     assert isinstance(make_executor("local", workers=1), SerialExecutor)
+
+
+# ---- whole runs: the search's candidates on workers ----------------------------------------
+RUN_PROFILE = """
+name = "tiny"
+[env]
+id = "CartPole-v1"
+kwargs = {max_episode_steps = 80}
+[threat]
+eps = 0.1
+[evaluation]
+episodes = 3
+num_envs = 3
+[attacks]
+screen = ["random", "mad"]
+final = ["random", "mad"]
+[certificate]
+states = 100
+empirical_states = 10
+[finetune]
+steps = 60
+state_episodes = 2
+dagger_rounds = 1
+dagger_episodes = 2
+[search]
+grid = [0.3, 0.6, 0.9]
+refine = 1
+"""
+
+
+def _report_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """What a run measured, without times, paths or the executor's own description."""
+
+    def strip(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {
+                k: strip(v)
+                for k, v in x.items()
+                if not k.startswith("wall") and k not in ("training", "path", "run_dir", "seconds")
+            }
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip({k: report[k] for k in ("verdict", "budget", "dense", "chosen", "frontier")})
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    from compressor.pipeline import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("serial")
+    prof = tmp / "tiny.toml"
+    prof.write_text(RUN_PROFILE)
+    res = run_pipeline(
+        REPO / "profiles" / "cartpole.pt", profile=str(prof), out_root=tmp, name="serial"
+    )
+    return prof, res.report
+
+
+def _parallel_run(prof: Path, tmp: Path, ex: Any) -> dict[str, Any]:
+    from compressor.pipeline import run_pipeline
+
+    try:
+        res = run_pipeline(
+            REPO / "profiles" / "cartpole.pt", profile=str(prof), out_root=tmp, executor=ex
+        )
+    finally:
+        ex.close()
+    return res.report
+
+
+def test_run_on_two_local_workers_gives_the_serial_report(
+    serial_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    prof, serial = serial_run
+    par = _parallel_run(prof, tmp_path, LocalExecutor(2))
+    assert _report_numbers(par) == _report_numbers(serial)
+    assert len(serial["frontier"]) >= 3  # the grid and a refinement step were searched
+    perf = par["performance"]
+    assert perf["executor"] == {"name": "local", "workers": 2}
+    assert perf["peak_memory_mib"]["worker"] > 0
+    stages = {s["stage"]: s for s in perf["stages"]}
+    assert stages["search"]["env_steps"] > 0 and stages["search"]["env_steps_per_s"] > 0
+    assert abs(sum(s["share"] for s in perf["stages"]) - 1) < 0.05
+
+
+def test_run_on_ray_gives_the_serial_report(
+    serial_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    prof, serial = serial_run
+    par = _parallel_run(prof, tmp_path, make_executor("ray", workers=2, address="local"))
+    assert _report_numbers(par) == _report_numbers(serial)
+    assert par["performance"]["executor"] == {"name": "ray", "workers": 2}

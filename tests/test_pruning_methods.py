@@ -241,7 +241,9 @@ def test_search_never_picks_a_failing_candidate_and_never_recomputes() -> None:
             suite = _suite(clean, robust)
             return Candidate(s, s, suite, CERT, None, 0, rule.check(suite, CERT), 0.0)
 
-        res = search_sparsity(evaluate_at, list(map(float, grid)), 3, rule)
+        res = search_sparsity(
+            lambda ls: [evaluate_at(s) for s in ls], list(map(float, grid)), 3, rule
+        )
         assert len(calls) == len(set(calls))  # every level evaluated once
         assert [c.sparsity for c in res.candidates] == sorted(set(calls))
         passing = [c for c in res.candidates if c.passed]

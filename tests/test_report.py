@@ -181,6 +181,7 @@ def test_markdown_shows_every_section_and_its_plots(runs: dict[str, Path]) -> No
         "## Certificates",
         "## Attacks",
         "## Regret decomposition",
+        "## Frontier and regret decomposition",
         "## Per-layer sparsity",
         "## Size and latency on the target",
         "## Reproducibility",

@@ -73,7 +73,7 @@ def _fake_search(outcomes: dict[float, tuple[float, float]], grid: list[float], 
         suite = _suite(clean, robust)
         return Candidate(s, s, suite, CERT, None, 0, b.check(suite, CERT), 0.0)
 
-    return search_sparsity(evaluate_at, grid, refine, b), calls
+    return search_sparsity(lambda ls: [evaluate_at(s) for s in ls], grid, refine, b), calls
 
 
 def test_search_picks_highest_passing_and_refines() -> None:
@@ -93,6 +93,43 @@ def test_search_stops_after_decisive_failure_and_may_choose_nothing() -> None:
     res, calls = _fake_search(curve, [0.3, 0.5, 0.7, 0.9], refine=0)
     assert res.chosen is None
     assert calls == [0.3]  # 0.3 already lost more than half the scale
+
+
+def test_wider_search_visits_the_same_levels_in_fewer_rounds() -> None:
+    """Speculative rounds (an executor's workers) never change what the search visits."""
+    rng = np.random.default_rng(1)
+    b = _budget()
+    for _ in range(150):
+        grid = sorted({float(x) for x in np.round(rng.uniform(0.1, 0.95, rng.integers(1, 7)), 2)})
+        noise = {float(s): rng.normal(0, 80, 2) for s in np.round(np.arange(0, 1.0001, 1e-4), 4)}
+        outcomes = []
+        for width in (1, 2, 3, 5):
+            rounds: list[list[float]] = []
+
+            def many(
+                levels: list[float],
+                rounds: list[list[float]] = rounds,
+                width: int = width,
+                noise: dict[float, np.ndarray] = noise,
+            ) -> list[Candidate]:
+                rounds.append(levels)
+                assert 1 <= len(levels) <= width
+                out = []
+                for s in levels:
+                    n = noise[round(s, 4)]
+                    suite = _suite(1000 - 900 * s**3 + n[0], 600 - 500 * s**3 + n[1])
+                    out.append(Candidate(s, s, suite, CERT, None, 0, b.check(suite, CERT), 0.0))
+                return out
+
+            res = search_sparsity(many, grid, 3, b, width=width)
+            flat = [s for r in rounds for s in r]
+            assert len(flat) == len(set(flat))  # never recomputed
+            chosen = res.chosen.sparsity if res.chosen else None
+            outcomes.append(([c.sparsity for c in res.candidates], chosen, len(rounds)))
+        visited, chosen, rounds1 = outcomes[0]
+        for v, ch, n in outcomes[1:]:
+            assert (v, ch) == (visited, chosen)
+            assert n <= rounds1
 
 
 def test_shipped_profiles_and_targets_load() -> None:

@@ -1,0 +1,190 @@
+"""The report's ``frontier_analysis`` block (schema v3): the schema describes exactly what
+:func:`compressor.frontier.frontier_analysis` emits, and report.md / report.html show it in their
+own section.
+
+The report is built by :func:`compressor.report.build_report` from a tiny CartPole-shaped policy,
+its pruned copies and synthetic evaluation results: no environment is run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_report import _unexplained
+
+from compressor.certify import certify_global
+from compressor.config import load_profile, load_target
+from compressor.evaluate import EvalResult, SuiteResult
+from compressor.export import ExportResult
+from compressor.frontier import frontier_analysis
+from compressor.loading import LoadedPolicy
+from compressor.prune import prune
+from compressor.report import (
+    SCHEMA_VERSION,
+    build_report,
+    load_report,
+    schema,
+    validate,
+    write_report,
+)
+from compressor.report_render import render_html, render_markdown
+from compressor.search import Budget, Candidate, SearchResult
+from compressor.stats import summarize_returns
+from compressor.threat import ThreatModel
+from conftest import make_policy
+
+THREAT = ThreatModel(0.1)
+HEADING = "Frontier and regret decomposition"
+# (clean, robust) per sparsity; dense is (500, 300), random 20, budget 0.05: floors 476 / 276.
+# 0.3 has the best mean score (the sweet spot), 0.6 is the sparsest that passes (the choice).
+RETURNS = {0.3: (498.0, 330.0), 0.6: (490.0, 290.0), 0.9: (300.0, 100.0)}
+
+
+def _suite(clean: float, robust: float) -> SuiteResult:
+    def ev(name: str, v: float, tv: float | None) -> EvalResult:
+        return EvalResult(name, summarize_returns(np.array([v - 4.0, v, v + 4.0])), tv, 30, 0.5)
+
+    return SuiteResult(ev("clean", clean, None), {"mad": ev("mad", robust, 0.2)}, THREAT)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory whose report.json carries a real ``frontier_analysis`` block."""
+    run_dir = tmp_path_factory.mktemp("frontier")
+    dense = make_policy("categorical", hidden=(16, 16), env_id="CartPole-v1")
+    dense_cert = certify_global(dense, THREAT)
+    dense_suite = _suite(500.0, 300.0)
+    rule = Budget(0.05, 500.0, 300.0, 20.0, dense_cert.lipschitz)
+    cands = []
+    for s, (clean, robust) in RETURNS.items():
+        pol = prune(dense, s)
+        cert, suite = certify_global(pol, THREAT), _suite(clean, robust)
+        n = pol.num_parameters(nonzero_only=True)
+        cands.append(
+            Candidate(
+                s, pol.sparsity(), suite, cert, None, n, rule.check(suite, cert), 1.0, None, pol
+            )
+        )
+    chosen = cands[1]
+    assert chosen.passed and cands[0].passed and not cands[2].passed
+    n = chosen.params_nonzero
+    export = ExportResult(run_dir / "policy.onnx", 17, 8, 2048, "0" * 64, n, n, 0, 0.0)
+    fa = frontier_analysis(
+        rule,
+        500.0,
+        300.0,
+        "mad",
+        dense_cert.to_dict()["certified_radius"],
+        cands,
+        chosen,
+        520.0,
+        "synthetic test reference",
+    )
+    report = build_report(
+        loaded=LoadedPolicy(dense, None, [], run_dir / "dense.pt", "native", "f" * 64),
+        profile=load_profile("cartpole"),
+        target=load_target("cpu-x86"),
+        threat=THREAT,
+        rule=rule,
+        dense_suite=dense_suite,
+        dense_certs={THREAT.norm: dense_cert},
+        dense_local=None,
+        search=SearchResult(cands, chosen),
+        chosen={
+            "policy": chosen.policy,
+            "export": export,
+            "suite": chosen.suite,
+            "certificates": {THREAT.norm: chosen.certificate},
+            "candidate": chosen,
+            "local": None,
+        },
+        timings={"total": 1.0},
+        command=["compress", "run", "dense.pt"],
+        run_dir=run_dir,
+        frontier_analysis=fa,
+    )
+    write_report(report, run_dir)
+    return run_dir
+
+
+def _section(md: str) -> str:
+    return md.split(f"## {HEADING}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_schema_describes_the_block_and_rejects_a_malformed_one(run: Path) -> None:
+    r = load_report(run)
+    assert r["schema_version"] == SCHEMA_VERSION == 3
+    assert validate(r) == []
+    fa = r["frontier_analysis"]
+    # every field frontier.py emits is described and required, no more, no fewer
+    s = schema()["properties"]["frontier_analysis"]
+    assert set(s["required"]) == set(s["properties"]) == set(fa)
+    point = s["properties"]["dense"]
+    assert point == s["properties"]["points"]["items"] | {"description": point["description"]}
+    assert set(point["required"]) == set(point["properties"]) == set(fa["dense"])
+    assert set(point["properties"]["regret"]["required"]) == set(fa["dense"]["regret"])
+    # malformed: a string where a number goes, a missing field, an unknown label
+    bad = json.loads(json.dumps(r))
+    bad["frontier_analysis"]["points"][0]["regret"]["attack_gap"] = "large"
+    bad["frontier_analysis"]["best_known_return"] = "1200"
+    del bad["frontier_analysis"]["sweet_spot"]
+    bad["frontier_analysis"]["dense"]["label"] = "teacher"
+    problems = validate(bad)
+    for field in ("attack_gap", "best_known_return", "sweet_spot", "dense/label"):
+        assert any(field in p for p in problems), (field, problems)
+    # optional: a version-2 report without the block is still valid
+    old = json.loads(json.dumps(r))
+    del old["frontier_analysis"]
+    old["schema_version"] = 2
+    assert validate(old) == []
+
+
+def test_markdown_and_html_show_the_section_with_the_sweet_spot(run: Path) -> None:
+    r = load_report(run)
+    fa = r["frontier_analysis"]
+    sweet, choice = fa["sweet_spot"]["sparsity"], fa["budget_choice"]["sparsity"]
+    by_target = {p["sparsity"]: p for p in fa["points"]}
+    assert sweet != choice and by_target[sweet]["score"] > by_target[choice]["score"]
+    md = (run / "report.md").read_text()
+    assert md.count(f"## {HEADING}") == 1 and "## Frontier analysis" not in md
+    sec = _section(md)
+    assert f"Sweet spot: sparsity {_pct(sweet)}" in sec
+    assert f"the budget chose {_pct(choice)}" in sec
+    assert f"J(π*) = 520.0: {fa['best_known_source']}" in sec
+    assert "synthetic test reference" in sec
+    rows = {row.split("|")[1].strip(): row for row in sec.splitlines() if row.startswith("| ")}
+    assert set(rows) == {"sparsity", "dense", *(_pct(p["sparsity"]) for p in fa["points"])}
+    assert rows[_pct(sweet)].rstrip(" |").endswith("sweet spot")
+    assert rows[_pct(choice)].rstrip(" |").endswith("budget's choice")
+    for p in fa["points"]:
+        assert f"{p['regret']['attack_gap']:,.1f}" in rows[_pct(p["sparsity"])]
+    assert sum("sweet spot" in row for row in rows.values()) == 1
+    assert _unexplained(md, r) == []  # every number in the section comes from the JSON
+    html = (run / "report.html").read_text()
+    assert html.count(f"<h2>{HEADING}</h2>") == 1 and "<h2>Frontier analysis</h2>" not in html
+    assert f"Sweet spot: sparsity {_pct(sweet)}" in html
+    assert "budget&#39;s choice" in html
+
+
+def test_dense_sweet_spot_old_reports_and_other_unknown_blocks(run: Path) -> None:
+    r = load_report(run)
+    # the dense row can be the sweet spot: the sentence says so, the dense row carries the mark
+    fa = r["frontier_analysis"]
+    fa["sweet_spot"] = {"sparsity": 0.0, "score": fa["dense"]["score"]}
+    sec = _section(render_markdown(r, {}))
+    assert "Sweet spot: the dense policy" in sec
+    assert re.search(r"^\| dense \|.*\| sweet spot \|$", sec, re.M)
+    # a report without the block has no such section; other unknown blocks stay generic
+    del r["frontier_analysis"]
+    r["calibration"] = {"temperature": 1.5}
+    md, html = render_markdown(r, {}), render_html(r, {})
+    assert HEADING not in md and HEADING not in html
+    assert "## Calibration" in md and "<h2>Calibration</h2>" in html
