@@ -32,6 +32,7 @@ KNOWN = {
     "frontier",
     "frontier_analysis",
     "timings_s",
+    "performance",
     "profile",
     "target",
     "reproducibility",
@@ -676,9 +677,7 @@ def view(r: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
         for k, v in (r.get(which) or {}).items():
             if k not in KNOWN_POLICY and k not in LATENCY_KEYS:
                 extras.append(generic_block(f"{which}: {k.replace('_', ' ')}", v))
-    timings = _table(
-        ["stage", "seconds"], [[k, num(v, 2)] for k, v in r.get("timings_s", {}).items()]
-    )
+    timings, perf_note = _performance(r)
     figs = [
         {"name": n, "title": FIGURES[n][0], "data": figures[n]} for n in FIGURES if n in figures
     ]
@@ -696,11 +695,39 @@ def view(r: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
         "layers": _layers(r),
         "deployment": _deployment(r),
         "timings": timings,
+        "perf_note": perf_note,
         "extras": extras,
         "repro": _reproducibility(r),
         "schema": f"{r['schema']} v{r['schema_version']}",
         "finetune": (c or {}).get("finetune"),
     }
+
+
+def _performance(r: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Stage times (with share and throughput when the report has a ``performance`` block) and
+    a line on the executor and peak memory."""
+    perf = r.get("performance")
+    if not perf:
+        rows = [[k, num(v, 2)] for k, v in r.get("timings_s", {}).items()]
+        return _table(["stage", "seconds"], rows), ""
+    rows = [
+        [
+            s["stage"],
+            num(s["wall_s"], 2),
+            pct(s["share"]) if s.get("share") is not None else "n/a",
+            f"{s['env_steps']:,}" if s.get("env_steps") else "",
+            num(s.get("env_steps_per_s"), 0) if s.get("env_steps") else "",
+        ]
+        for s in perf["stages"]
+    ]
+    rows.append(["total", num(perf["total_wall_s"], 2), "", "", ""])
+    table = _table(["stage", "seconds", "share", "env steps", "env steps/s"], rows)
+    ex, mem = perf["executor"], perf["peak_memory_mib"]
+    workers = f"{ex['workers']} worker{'s' if ex['workers'] != 1 else ''}"
+    note = f"Executor: {ex['name']}, {workers}. Peak memory: {num(mem['main'], 0)} MiB main process"
+    if mem.get("worker"):
+        note += f", {num(mem['worker'], 0)} MiB per worker (at most {num(mem['bound'], 0)} MiB)"
+    return table, note + "."
 
 
 def _env(autoescape: bool) -> jinja2.Environment:

@@ -188,6 +188,11 @@ def test_run_on_two_local_workers_gives_the_serial_report(
     stages = {s["stage"]: s for s in perf["stages"]}
     assert stages["search"]["env_steps"] > 0 and stages["search"]["env_steps_per_s"] > 0
     assert abs(sum(s["share"] for s in perf["stages"]) - 1) < 0.05
+    from compressor.report import validate
+
+    assert validate(par) == []
+    md = (tmp_path / "cartpole" / "report.md").read_text()
+    assert "Executor: local, 2 workers" in md and "env steps/s" in md
 
 
 def test_run_on_ray_gives_the_serial_report(
