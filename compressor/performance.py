@@ -73,3 +73,29 @@ def performance_block(
         },
         **(dict(extra) if extra else {}),
     }
+
+
+def raw_steps_per_s(
+    env_id: str, num_envs: int, steps: int, seed: int = 0, env_kwargs: dict[str, Any] | None = None
+) -> float:
+    """The simulator's own throughput: env steps per second of the vector env the rollout
+    engine uses, stepped with uniform random actions (no policy), episodes reset as they end.
+    The baseline that evaluation throughputs are divided by."""
+    import time
+
+    from compressor.envs import make_vector_env
+
+    envs = make_vector_env(env_id, env_kwargs or {}, num_envs)
+    envs.action_space.seed(seed)
+    envs.reset(seed=seed)
+    t0, done = time.perf_counter(), 0
+    try:
+        while done < steps:
+            _, _, term, trunc, _ = envs.step(envs.action_space.sample())
+            done += num_envs
+            ended = term | trunc
+            if ended.any():
+                envs.reset(options={"reset_mask": ended})
+    finally:
+        envs.close()
+    return done / (time.perf_counter() - t0)
