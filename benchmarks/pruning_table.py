@@ -23,15 +23,28 @@ from typing import Any
 import torch
 
 
-def run_one(src: str, method: str, budget: float, out: Path, profile: str | None) -> dict[str, Any]:
+def run_one(
+    src: str, method: str, budget: float, out: Path, profile: str | None, workers: int = 1
+) -> dict[str, Any]:
     """One ``compress run`` with ``--prune-method method``; the row of the table."""
+    from compressor.executor import make_executor
     from compressor.pipeline import run_pipeline
 
     name = f"{Path(src).parent.name if Path(src).stem == 'model' else Path(src).stem}-{method}"
     t0 = time.perf_counter()
-    res = run_pipeline(
-        src, budget=budget, profile=profile, out_root=out, name=name, prune_method=method
-    )
+    ex = make_executor("local", workers)
+    try:
+        res = run_pipeline(
+            src,
+            budget=budget,
+            profile=profile,
+            out_root=out,
+            name=name,
+            prune_method=method,
+            executor=ex,
+        )
+    finally:
+        ex.close()
     wall = time.perf_counter() - t0
     r = res.report
     d, c, norm = r["dense"], r["chosen"], r["threat"]["norm"]
@@ -52,6 +65,7 @@ def run_one(src: str, method: str, budget: float, out: Path, profile: str | None
         "removed_neurons": c["onnx"]["removed_neurons"] if c else None,
         "sweet_spot": (r.get("frontier_analysis") or {}).get("sweet_spot"),
         "wall_s": wall,
+        "workers": workers,
     }
 
 
@@ -90,6 +104,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile for every policy (default: shipped)")
     ap.add_argument("--out", type=Path, default=Path("runs/pruning_table"))
     ap.add_argument("--results", type=Path, default=Path("runs/pruning_table/results.jsonl"))
+    ap.add_argument("--workers", type=int, default=1, help="local executor workers per run")
     ap.add_argument("--table-only", action="store_true", help="tabulate --results, run nothing")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -97,7 +112,7 @@ def main() -> None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         for src in args.policies:
             for method in args.methods:
-                row = run_one(src, method, args.budget, args.out, args.profile)
+                row = run_one(src, method, args.budget, args.out, args.profile, args.workers)
                 with open(args.results, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 print(table([row]).splitlines()[-1], flush=True)
