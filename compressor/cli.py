@@ -557,7 +557,16 @@ def prune(
         )
         assert roll.states is not None
         collect = student_state_collector(prof, env_kwargs, prof.evaluation.num_envs)
-        pruned, stats = prune_candidate(dense, sparsity, prof, roll.states, threat, collect)
+        pruned, stats = prune_candidate(
+            dense,
+            sparsity,
+            prof,
+            roll.states,
+            threat,
+            collect,
+            critic=loaded.critic,
+            env_kwargs=env_kwargs,
+        )
         info["finetune"] = stats.to_dict()
     elif method == "micro":
         raise CompressorError("--method micro cuts while fine-tuning: drop --no-finetune")

@@ -79,6 +79,11 @@ class PruneSection:
 
 @dataclass
 class FinetuneSection:
+    """``method``: ``distill`` (from the dense policy, + DAgger), ``ppo`` (on the env's reward,
+    from the file's critic or one learned first), or ``distill+ppo`` (both, in that order).
+    The ``ppo_*`` keys are PPO's (see ``compressor.finetune.FinetuneConfig``); ``ppo_steps``
+    counts env steps. ``smoothness_weight`` and ``preserve_certificate`` apply to both."""
+
     steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
@@ -91,6 +96,30 @@ class FinetuneSection:
     dagger_episodes: int = 10
     state_episodes: int = 20
     state_seed: int = 10_000
+    method: str = "distill"  # distill | ppo | distill+ppo
+    ppo_steps: int = 50_000
+    ppo_num_envs: int = 8
+    ppo_num_steps: int = 256
+    ppo_minibatches: int = 32
+    ppo_epochs: int = 10
+    ppo_lr: float = 3e-4
+    ppo_clip_coef: float = 0.2
+    ppo_ent_coef: float = 0.0
+    ppo_gamma: float = 0.99
+    ppo_gae_lambda: float = 0.95
+    ppo_norm_reward: bool = True  # as the file's critic was trained (--no-norm-reward: false)
+    ppo_critic_steps: int = 20_000  # value-only phase when the file has no critic
+
+    def __post_init__(self) -> None:
+        from compressor.finetune import check_finetune_settings  # torch only when needed
+
+        check_finetune_settings(
+            self.method,
+            self.ppo_steps,
+            self.ppo_num_envs,
+            self.ppo_num_steps,
+            self.ppo_minibatches,
+        )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Fine-tuning a pruned policy with its masks fixed: distillation from the dense policy.
+"""Fine-tuning a pruned policy with its masks fixed: distillation from the dense policy, or
+PPO (:mod:`compressor.finetune_ppo`), or both in turn; :func:`finetune_candidate` dispatches.
 
 Needs no reward: the student matches the teacher's action distribution on states the teacher
 visited, and on those states perturbed inside the ε-ball (so it also learns the teacher's
@@ -16,7 +17,9 @@ student's own response inside the ball, which is what the certificate measures.
 
 ``preserve_certificate`` projects every weight back into ``|w| ≤ |w_dense|`` after each step:
 the absolute-product certificate is monotone in ``|W|``, so the fine-tuned policy's global
-certificate can never be looser than the dense one's (design.md, "Certificates").
+certificate can never be looser than the dense one's (design.md, "Certificates"). PPO also
+trains the Gaussian ``log_std``; there the projection keeps ``σ ≥ σ_dense`` too (the bound
+scales with ``1/σ``).
 """
 
 from __future__ import annotations
@@ -24,14 +27,47 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from compressor.attacks.pgd import pgd
+from compressor.errors import CompressorError
 from compressor.policy import Policy
 from compressor.threat import ThreatModel, sample_ball
+
+if TYPE_CHECKING:
+    from compressor.loading import ValueNet
+
+#: ``distill``: distillation (+ DAgger); ``ppo``: PPO on the env's reward; ``distill+ppo``: the
+#: first, then the second.
+FINETUNE_METHODS = ("distill", "ppo", "distill+ppo")
+
+
+def check_finetune_settings(
+    method: str, ppo_steps: int, ppo_num_envs: int, ppo_num_steps: int, ppo_minibatches: int
+) -> None:
+    """Raise :class:`CompressorError` for a fine-tuning method or PPO shape that cannot run."""
+    if method not in FINETUNE_METHODS:
+        raise CompressorError(
+            f"finetune.method {method!r} is not one of: {', '.join(FINETUNE_METHODS)}"
+        )
+    if min(ppo_num_envs, ppo_num_steps, ppo_minibatches) < 1:
+        raise CompressorError(
+            "finetune.ppo_num_envs, ppo_num_steps and ppo_minibatches must be at least 1"
+        )
+    batch = ppo_num_envs * ppo_num_steps
+    if batch % ppo_minibatches:
+        raise CompressorError(
+            f"finetune.ppo_num_envs × ppo_num_steps ({batch}) must be divisible by "
+            f"ppo_minibatches ({ppo_minibatches})"
+        )
+    if ppo_steps < batch:
+        raise CompressorError(
+            f"finetune.ppo_steps ({ppo_steps}) must be at least ppo_num_envs × ppo_num_steps "
+            f"({batch}), one PPO rollout"
+        )
 
 
 @dataclass
@@ -44,7 +80,20 @@ class FinetuneConfig:
     :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step.
     :param dagger_rounds: rounds of rolling out the student and adding the states it visits
         (labelled by the teacher) before training again: imitation's cure for drifting into
-        states the teacher never showed."""
+        states the teacher never showed.
+    :param method: one of :data:`FINETUNE_METHODS`.
+    :param ppo_steps: env steps of PPO fine-tuning (rounded down to whole rollouts).
+    :param ppo_num_envs: parallel envs. :param ppo_num_steps: steps per env per rollout.
+    :param ppo_minibatches: minibatches per epoch. :param ppo_epochs: epochs per rollout.
+    :param ppo_lr: Adam learning rate (annealed linearly to 0). :param ppo_clip_coef: PPO clip.
+    :param ppo_ent_coef: entropy bonus. :param ppo_gamma: discount.
+    :param ppo_gae_lambda: GAE λ.
+    :param ppo_norm_reward: scale rewards by the std of the discounted return, as
+        ``compress train`` does by default; a loaded critic predicts values in the units it was
+        trained with, so match it (``false`` for policies trained with ``--no-norm-reward``).
+        A learned critic always uses scaled rewards (raw returns are slow to fit).
+    :param ppo_critic_steps: env steps of the value-only phase (on the dense policy's
+        rollouts) that learns a critic when the policy file has none."""
 
     steps: int = 2000
     batch_size: int = 256
@@ -55,17 +104,52 @@ class FinetuneConfig:
     smoothness_weight: float = 0.0
     preserve_certificate: bool = False
     dagger_rounds: int = 1
+    method: str = "distill"
+    ppo_steps: int = 50_000
+    ppo_num_envs: int = 8
+    ppo_num_steps: int = 256
+    ppo_minibatches: int = 32
+    ppo_epochs: int = 10
+    ppo_lr: float = 3e-4
+    ppo_clip_coef: float = 0.2
+    ppo_ent_coef: float = 0.0
+    ppo_gamma: float = 0.99
+    ppo_gae_lambda: float = 0.95
+    ppo_norm_reward: bool = True
+    ppo_critic_steps: int = 20_000
+
+    def __post_init__(self) -> None:
+        check_finetune_settings(
+            self.method,
+            self.ppo_steps,
+            self.ppo_num_envs,
+            self.ppo_num_steps,
+            self.ppo_minibatches,
+        )
 
 
 @dataclass
 class FinetuneStats:
-    """:param loss_start: distillation loss before. :param loss_end: after. :param steps:
-    optimiser steps. :param wall_s: seconds."""
+    """:param loss_start: divergence from the dense policy before (distillation's loss; for
+    PPO measured the same way, on the dense policy's states). :param loss_end: after.
+    :param steps: optimiser steps of the student. :param wall_s: seconds.
+    :param method: the fine-tuning method. :param ppo_env_steps: env steps of PPO.
+    :param critic: ``loaded`` (the file's value function) or ``learned`` (a value-only phase
+        first), None without PPO. :param critic_env_steps: env steps of that phase.
+    :param train_return_start: mean return of the PPO training episodes (sampled actions,
+        not the deterministic evaluation) that ended in its first rollout.
+    :param train_return_end: the same in its last rollout (None: no episode ended)."""
 
     loss_start: float
     loss_end: float
     steps: int
     wall_s: float
+    method: str = "distill"
+    ppo_env_steps: int = 0
+    critic: str | None = None
+    critic_env_steps: int = 0
+    train_return_start: float | None = None
+    train_return_end: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -140,25 +224,9 @@ def distill(
                 seen = torch.cat([seen[:lo], adv, seen[hi:]])
         loss = student.divergence(target, student(seen)).mean()
         if cfg.smoothness_weight > 0 and threat is not None:
-            loss = loss + cfg.smoothness_weight * smoothness(x)
+            reg = smoothness_penalty(student, x, threat, scale, cfg.adversarial_steps, g)
+            loss = loss + cfg.smoothness_weight * reg
         return loss
-
-    def smoothness(x: torch.Tensor) -> torch.Tensor:
-        # SA-PPO: the student's own output at the true state is the fixed reference
-        with torch.no_grad():
-            ref = student(x)
-        assert threat is not None
-        x_adv = pgd(
-            lambda z: student.divergence(ref, student(z)),
-            x,
-            scale,
-            threat.eps,
-            norm=threat.norm,
-            steps=cfg.adversarial_steps,
-            random_start=True,
-            generator=g,
-        )
-        return student.divergence(ref, student(x_adv)).mean()
 
     with torch.no_grad():
         probe = x_all[torch.randint(0, len(x_all), (min(4096, len(x_all)),), generator=g)]
@@ -172,17 +240,73 @@ def distill(
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():  # Adam's momentum would move pruned raw weights: keep them zero
-            for layer, m in zip(student.layers, student.masks()):
-                layer.weight.mul_(m)
-        if cfg.preserve_certificate:
-            with torch.no_grad():
-                for layer, b in zip(student.layers, bounds):
-                    layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, b), -b))
+        constrain_(student, bounds if cfg.preserve_certificate else None)
     student.eval()
     with torch.no_grad():
         loss_end = float(loss_on(probe))
     return FinetuneStats(loss_start, loss_end, cfg.steps, time.perf_counter() - t0)
+
+
+def smoothness_penalty(
+    policy: Policy,
+    x: torch.Tensor,
+    threat: ThreatModel,
+    scale: torch.Tensor,
+    steps: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """SA-PPO's smoothness regulariser ``mean_s max_{ŝ ∈ B(s)} D(π(s) ‖ π(ŝ))``, the max found
+    by the project's PGD (random start), with ``π(s)`` and the Gaussian ``σ`` held fixed (as
+    SA-PPO's ``detach_stdev``: the policy may not widen ``σ`` to look smooth).
+
+    :param policy: the policy being trained. :param x: raw observations, shape (batch, obs).
+    :param threat: the ε-ball. :param scale: raw size of one ε unit per dimension.
+    :param steps: PGD steps. :param generator: RNG of the random start.
+    """
+    with torch.no_grad():
+        ref = policy(x)
+    x_adv = pgd(
+        lambda z: policy.divergence(ref, policy(z)),
+        x,
+        scale,
+        threat.eps,
+        norm=threat.norm,
+        steps=steps,
+        random_start=True,
+        generator=generator,
+    )
+    log_std: torch.Tensor | None = getattr(policy, "log_std", None)
+    if log_std is None or not log_std.requires_grad:
+        return policy.divergence(ref, policy(x_adv)).mean()
+    log_std.requires_grad_(False)  # a leaf that needs no grad enters the graph as a constant
+    try:
+        return policy.divergence(ref, policy(x_adv)).mean()
+    finally:
+        log_std.requires_grad_(True)
+
+
+def constrain_(
+    student: Policy,
+    bounds: list[torch.Tensor] | None,
+    log_std_floor: torch.Tensor | None = None,
+) -> None:
+    """After an optimiser step: zero the pruned weights again (Adam's momentum would move them;
+    micro-pruning may just have cut them), and with ``bounds`` project ``|w| ≤ bound`` and
+    ``log_std ≥ log_std_floor`` (the certificate is monotone in ``|W|`` and in ``1/σ``).
+
+    :param student: the policy, changed in place.
+    :param bounds: ``|w_dense|`` per layer, or None (no projection).
+    :param log_std_floor: the dense ``log_std`` (Gaussian heads whose ``σ`` is trained).
+    """
+    with torch.no_grad():
+        for layer, m in zip(student.layers, student.masks()):
+            layer.weight.mul_(m)
+        if bounds is None:
+            return
+        for layer, b in zip(student.layers, bounds):
+            layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, b), -b))
+        if log_std_floor is not None:
+            student.log_std.copy_(torch.maximum(student.log_std, log_std_floor))
 
 
 def dagger_total_steps(cfg: FinetuneConfig) -> int:
@@ -230,4 +354,81 @@ def distill_with_dagger(
             data = np.concatenate([data, collect(student)])
     return FinetuneStats(
         first.loss_start if first else 0.0, stats.loss_end, cfg.steps, time.perf_counter() - t0
+    )
+
+
+def finetune_total_steps(cfg: FinetuneConfig) -> int:
+    """Optimiser steps :func:`finetune_candidate` runs on the student, i.e. how many times it
+    calls ``on_step`` (micro-pruning places its cuts on this count)."""
+    from compressor.finetune_ppo import ppo_total_steps
+
+    distill_steps = dagger_total_steps(cfg) if "distill" in cfg.method else 0
+    return distill_steps + (ppo_total_steps(cfg) if "ppo" in cfg.method else 0)
+
+
+def finetune_candidate(
+    policy: Policy,
+    dense: Policy,
+    states: np.ndarray,
+    threat: ThreatModel | None,
+    cfg: FinetuneConfig,
+    collect: Callable[[Policy], np.ndarray],
+    critic: ValueNet | None,
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> FinetuneStats:
+    """Fine-tune a pruned candidate in place with ``cfg.method`` (masks fixed throughout).
+
+    ``distill``: :func:`distill_with_dagger`; ``ppo``:
+    :func:`compressor.finetune_ppo.ppo_finetune`; ``distill+ppo``: the first, then the second
+    from where it stopped.
+
+    :param policy: the pruned policy (changed in place). :param dense: the dense policy.
+    :param states: raw observations the dense policy visited (distillation's data; PPO
+        measures its divergence from the dense policy on them).
+    :param threat: the ε-ball of the perturbed rows and of the smoothness regulariser.
+    :param cfg: the settings. :param collect: DAgger's state collector (see
+        :func:`distill_with_dagger`). :param critic: the value function loaded with the dense
+        policy, or None (PPO then learns one first). :param env_id: gymnasium id.
+    :param env_kwargs: its kwargs. :param seed: seed of everything random.
+    :param on_step: called with the global optimiser step index before every step of the
+        student, counted across both stages (:func:`finetune_total_steps` in all).
+    """
+    check_finetune_settings(
+        cfg.method, cfg.ppo_steps, cfg.ppo_num_envs, cfg.ppo_num_steps, cfg.ppo_minibatches
+    )
+    if cfg.method == "distill":
+        return distill_with_dagger(
+            policy, dense, states, threat, cfg, collect, seed=seed, on_step=on_step
+        )
+    from compressor.finetune_ppo import ppo_finetune
+
+    first: FinetuneStats | None = None
+    if cfg.method == "distill+ppo":
+        first = distill_with_dagger(
+            policy, dense, states, threat, cfg, collect, seed=seed, on_step=on_step
+        )
+    stats = ppo_finetune(
+        policy,
+        dense,
+        critic,
+        env_id,
+        env_kwargs,
+        threat,
+        cfg,
+        seed,
+        on_step,
+        states=states,
+        step_offset=dagger_total_steps(cfg) if first else 0,
+    )
+    if first is None:
+        return stats
+    return replace(
+        stats,
+        method=cfg.method,
+        loss_start=first.loss_start,
+        steps=dagger_total_steps(cfg) + stats.steps,
+        wall_s=first.wall_s + stats.wall_s,
     )

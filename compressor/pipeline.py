@@ -30,12 +30,12 @@ from compressor.export import export_onnx
 from compressor.finetune import (
     FinetuneConfig,
     FinetuneStats,
-    dagger_total_steps,
-    distill_with_dagger,
+    finetune_candidate,
+    finetune_total_steps,
 )
 from compressor.frontier import frontier_analysis
 from compressor.journal import Journal, open_run_dir
-from compressor.loading import LoadedPolicy, load_policy
+from compressor.loading import LoadedPolicy, ValueNet, load_policy
 from compressor.performance import performance_block, suite_steps, training_steps
 from compressor.policy import Policy, save_policy
 from compressor.progress import Reporter
@@ -413,7 +413,17 @@ def build_candidate(
     t0 = time.perf_counter()
     upd(0)
     collect = student_state_collector(prof, job.env_kwargs, prof.evaluation.num_envs)
-    cand, ft = prune_candidate(job.dense, sparsity, prof, job.states, threat, collect)
+    critic = job.attack_ctx.critic
+    cand, ft = prune_candidate(
+        job.dense,
+        sparsity,
+        prof,
+        job.states,
+        threat,
+        collect,
+        critic=critic if isinstance(critic, ValueNet) else None,
+        env_kwargs=job.env_kwargs,
+    )
     upd(1)
     done = [1]
 
@@ -465,19 +475,10 @@ def certify_at_states(
 
 
 def finetune_config(prof: Profile) -> FinetuneConfig:
-    """The fine-tuning settings of a profile."""
-    f = prof.finetune
-    return FinetuneConfig(
-        steps=f.steps,
-        batch_size=f.batch_size,
-        lr=f.lr,
-        perturbed_fraction=f.perturbed_fraction,
-        adversarial_fraction=f.adversarial_fraction,
-        adversarial_steps=f.adversarial_steps,
-        smoothness_weight=f.smoothness_weight,
-        preserve_certificate=f.preserve_certificate,
-        dagger_rounds=f.dagger_rounds,
-    )
+    """The fine-tuning settings of a profile (every ``[finetune]`` key FinetuneConfig has)."""
+    section = dataclasses.asdict(prof.finetune)
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in section.items() if k in names})
 
 
 def prune_candidate(
@@ -488,14 +489,28 @@ def prune_candidate(
     threat: ThreatModel,
     collect: Callable[[Policy], np.ndarray],
     cfg: FinetuneConfig | None = None,
+    critic: ValueNet | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Policy, FinetuneStats]:
-    """Prune ``dense`` with the profile's method and fine-tune it (distillation + DAgger) with
-    the mask fixed; micro-pruning cuts on its schedule during the fine-tuning."""
+    """Prune ``dense`` with the profile's method and fine-tune it with the mask fixed, by the
+    profile's ``[finetune] method`` (distillation + DAgger, PPO from the file's critic or a
+    learned one, or both); micro-pruning cuts on its schedule during the fine-tuning."""
     ft_cfg = cfg or finetune_config(prof)
+    kwargs = dict(env_kwargs if env_kwargs is not None else _env_kwargs(prof, dense))
 
     def tune(pol: Policy, hook: Callable[[int], None] | None) -> FinetuneStats:
-        return distill_with_dagger(
-            pol, dense, states, threat, ft_cfg, collect, seed=prof.finetune.state_seed, on_step=hook
+        return finetune_candidate(
+            pol,
+            dense,
+            states,
+            threat,
+            ft_cfg,
+            collect,
+            critic,
+            prof.env.id,
+            kwargs,
+            seed=prof.finetune.state_seed,
+            on_step=hook,
         )
 
     return prune_and_finetune(
@@ -503,7 +518,7 @@ def prune_candidate(
         sparsity,
         prof.prune.method,
         tune,
-        dagger_total_steps(ft_cfg),
+        finetune_total_steps(ft_cfg),
         scope=prof.prune.scope,
         seed=prof.attacks.seed,
         schedule=MicroSchedule(prof.prune.micro_steps, prof.prune.micro_end),

@@ -4,6 +4,9 @@ Trains a Gaussian (continuous actions) or categorical (discrete actions) MLP pol
 separate value network, running observation normalisation (saved into the policy, as SB3's
 VecNormalize would be) and reward scaling, then saves the native format with the critic beside
 it (the critic attack uses it).
+
+Its pieces (:class:`RolloutStream`, :func:`gae_batch`, :func:`ppo_update`) are also PPO
+fine-tuning's (:mod:`compressor.finetune_ppo`), which runs them with frozen normalisation.
 """
 
 from __future__ import annotations
@@ -83,6 +86,253 @@ def _mlp(sizes: list[int], act: type[nn.Module], out_std: float) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
+def init_critic(obs_dim: int, hidden: list[int], act: type[nn.Module]) -> nn.Sequential:
+    """A fresh value network on normalised observations: CleanRL's orthogonal init, output
+    gain 1 (same key layout as :class:`compressor.loading.ValueNet`'s ``net``)."""
+    return _mlp([obs_dim, *hidden, 1], act, 1.0)
+
+
+def action_dist(policy: Policy, obs: torch.Tensor) -> torch.distributions.Distribution:
+    """The policy's action distribution at raw observations ``obs``: categorical on the
+    logits, or a Gaussian with the state-independent ``log_std``."""
+    out = policy(obs)
+    if policy.spec.head == "categorical":
+        return torch.distributions.Categorical(logits=out)
+    return torch.distributions.Normal(out, policy.log_std.exp().expand_as(out))
+
+
+def _per_action(policy: Policy, x: torch.Tensor) -> torch.Tensor:
+    # a Gaussian's log-prob and entropy factorise over action dimensions
+    return x if policy.spec.head == "categorical" else x.sum(-1)
+
+
+def make_train_envs(env_id: str, env_kwargs: dict[str, Any], num_envs: int) -> gym.vector.VectorEnv:
+    """PPO's vector env: sub-envs reset themselves inside ``step`` (rollouts cross episode
+    ends), unlike the evaluation engine's explicitly seeded episodes."""
+    if gym.spec(env_id).vector_entry_point is not None:
+        # envs that batch their own sub-envs (learned adversaries); they auto-reset in-step
+        return gym.make_vec(
+            env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **env_kwargs
+        )
+    return gym.make_vec(
+        env_id,
+        num_envs=num_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+        **env_kwargs,
+    )
+
+
+@dataclass
+class Rollout:
+    """``T`` steps of ``n`` envs (tensors shaped ``(T, n, ...)``) and where they stopped.
+
+    :param next_obs: raw observations after the last step, ``(n, obs_dim)``.
+    :param next_done: whether the last step ended each env's episode.
+    :param returns: returns of the episodes that ended during this rollout.
+    """
+
+    obs: torch.Tensor
+    act: torch.Tensor
+    logp: torch.Tensor
+    rew: torch.Tensor
+    done: torch.Tensor
+    val: torch.Tensor
+    next_obs: torch.Tensor
+    next_done: torch.Tensor
+    returns: list[float]
+
+
+@dataclass
+class Batch:
+    """A rollout flattened to ``T·n`` rows, with its GAE advantages and value targets."""
+
+    obs: torch.Tensor
+    act: torch.Tensor
+    logp: torch.Tensor
+    adv: torch.Tensor
+    ret: torch.Tensor
+
+
+def _set_norm(policy: Policy, obs_rms: RunningMeanStd) -> None:
+    policy.obs_mean.copy_(torch.as_tensor(obs_rms.mean, dtype=torch.float32))
+    policy.obs_var.copy_(torch.as_tensor(obs_rms.var, dtype=torch.float32))
+
+
+class RolloutStream:
+    """Vector envs that PPO steps ``T`` steps at a time, keeping episodes, reward scaling and
+    the step count running across rollouts.
+
+    :param env_id: gymnasium id. :param env_kwargs: kwargs for ``gymnasium.make``.
+    :param num_envs: sub-envs. :param seed: reset seed of the first episodes.
+    :param gamma: discount (the reward scale is the std of the discounted return).
+    :param norm_reward: scale rewards as SB3's VecNormalize does (clipped to ±10).
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        env_kwargs: dict[str, Any],
+        num_envs: int,
+        seed: int,
+        gamma: float,
+        norm_reward: bool,
+    ) -> None:
+        dims = env_dims(env_id, env_kwargs)
+        self.discrete = bool(dims["discrete"])
+        self.obs_dim, self.act_dim = int(dims["obs_dim"]), int(dims["act_dim"])
+        self.low, self.high = dims["low"], dims["high"]
+        self.n, self.gamma, self.norm_reward = num_envs, gamma, norm_reward
+        self.envs = make_train_envs(env_id, env_kwargs, num_envs)
+        self.ret_rms, self.disc_ret = RunningMeanStd(), np.zeros(num_envs)
+        self.ep_ret, self.recent = np.zeros(num_envs), cast(list[float], [])
+        self.raw_obs, _ = self.envs.reset(seed=seed)
+        self.done = torch.zeros(num_envs)
+        self.step = 0
+
+    def collect(
+        self,
+        policy: Policy,
+        value: Callable[[torch.Tensor], torch.Tensor],
+        T: int,
+        obs_rms: RunningMeanStd | None = None,
+    ) -> Rollout:
+        """Step every env ``T`` times with actions sampled from ``policy``.
+
+        :param value: raw observations -> state values (recorded for GAE).
+        :param obs_rms: running statistics updated from the raw observations and copied into
+            the policy before each step (training); None keeps the policy's frozen.
+        """
+        n = self.n
+        obs = torch.zeros(T, n, self.obs_dim)
+        act = torch.zeros((T, n) if self.discrete else (T, n, self.act_dim))
+        logp_b, rew_b, done_b, val_b = (torch.zeros(T, n) for _ in range(4))
+        finished: list[float] = []
+        for t in range(T):
+            if obs_rms is not None:
+                obs_rms.update(self.raw_obs)
+                _set_norm(policy, obs_rms)
+            obs_t = torch.as_tensor(self.raw_obs, dtype=torch.float32)
+            with torch.no_grad():
+                d = action_dist(policy, obs_t)
+                a = d.sample()
+                logp = _per_action(policy, d.log_prob(a))
+                val_b[t] = value(obs_t)
+            obs[t], act[t], logp_b[t], done_b[t] = obs_t, a, logp, self.done
+            env_a = a.numpy() if self.discrete else np.clip(a.numpy(), self.low, self.high)
+            self.raw_obs, rew, term, trunc, _ = self.envs.step(env_a)
+            self.step += n
+            self.ep_ret += rew
+            d_np = np.logical_or(term, trunc)
+            if self.norm_reward:  # scale rewards by the std of the discounted return
+                self.disc_ret = self.disc_ret * self.gamma * (1 - d_np) + rew
+                self.ret_rms.update(self.disc_ret)
+                rew = np.clip(rew / np.sqrt(self.ret_rms.var + 1e-8), -10, 10)
+            rew_b[t] = torch.as_tensor(rew, dtype=torch.float32)
+            self.done = torch.as_tensor(d_np, dtype=torch.float32)
+            for i in np.flatnonzero(d_np):
+                self.recent = (self.recent + [float(self.ep_ret[i])])[-20:]
+                finished.append(float(self.ep_ret[i]))
+                self.ep_ret[i] = 0.0
+        next_obs = torch.as_tensor(self.raw_obs, dtype=torch.float32)
+        return Rollout(obs, act, logp_b, rew_b, done_b, val_b, next_obs, self.done, finished)
+
+    def recent_return(self) -> float:
+        """Mean return of the last 20 finished episodes (nan before the first)."""
+        return float(np.mean(self.recent)) if self.recent else float("nan")
+
+    def close(self) -> None:
+        """Close the envs."""
+        self.envs.close()
+
+
+def gae_batch(
+    ro: Rollout, value: Callable[[torch.Tensor], torch.Tensor], gamma: float, lam: float
+) -> Batch:
+    """Generalised advantage estimation over ``ro``, flattened into one batch.
+
+    :param value: raw observations -> state values (bootstraps after the last step).
+    """
+    T, n = ro.rew.shape
+    with torch.no_grad():
+        next_val = value(ro.next_obs)
+        adv = torch.zeros(T, n)
+        last = torch.zeros(n)
+        for t in reversed(range(T)):
+            nonterm = 1.0 - (ro.next_done if t == T - 1 else ro.done[t + 1])
+            nv = next_val if t == T - 1 else ro.val[t + 1]
+            delta = ro.rew[t] + gamma * nv * nonterm - ro.val[t]
+            last = delta + gamma * lam * nonterm * last
+            adv[t] = last
+        ret = adv + ro.val
+    batch = T * n
+    return Batch(
+        ro.obs.reshape(batch, -1),
+        ro.act.reshape(batch, *ro.act.shape[2:]),
+        ro.logp.reshape(-1),
+        adv.reshape(-1),
+        ret.reshape(-1),
+    )
+
+
+def ppo_update(
+    policy: Policy,
+    value: Callable[[torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    b: Batch,
+    cfg: PPOConfig,
+    rng: np.random.Generator,
+    *,
+    value_only: bool = False,
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> int:
+    """``cfg.epochs`` passes of clipped-surrogate minibatch updates over ``b``.
+
+    :param params: the parameters ``opt`` steps (their gradient norm is clipped).
+    :param value_only: regress the value function alone (no policy or entropy term).
+    :param extra_loss: minibatch raw observations -> a term added to the loss (a regulariser).
+    :param before_step: called before each minibatch's loss; :param after_step: after each
+        optimiser step.
+    :returns: the number of optimiser steps.
+    """
+    batch = len(b.ret)
+    mb = batch // cfg.minibatches
+    n_steps = 0
+    for _ in range(cfg.epochs):
+        perm = torch.as_tensor(rng.permutation(batch))
+        for start in range(0, batch, mb):
+            idx = perm[start : start + mb]
+            if before_step is not None:
+                before_step()
+            if value_only:
+                loss = 0.5 * ((value(b.obs[idx]) - b.ret[idx]) ** 2).mean()
+            else:
+                d = action_dist(policy, b.obs[idx])
+                logp = _per_action(policy, d.log_prob(b.act[idx]))
+                ratio = (logp - b.logp[idx]).exp()
+                a_mb = b.adv[idx]
+                a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
+                pg = torch.max(
+                    -a_mb * ratio, -a_mb * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
+                )
+                v_loss = 0.5 * ((value(b.obs[idx]) - b.ret[idx]) ** 2).mean()
+                ent = _per_action(policy, d.entropy())
+                loss = pg.mean() - cfg.ent_coef * ent.mean() + cfg.vf_coef * v_loss
+            if extra_loss is not None:
+                loss = loss + extra_loss(b.obs[idx])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            n_steps += 1
+            if after_step is not None:
+                after_step()
+    return n_steps
+
+
 def train_ppo(
     cfg: PPOConfig,
     progress: Callable[[int, float], None] | None = None,
@@ -123,7 +373,7 @@ def train_ppo(
             dst.bias.copy_(src.bias)
         if not discrete:
             policy.log_std.fill_(cfg.init_log_std)
-    critic = _mlp([spec.obs_dim, *spec.hidden, 1], act_cls, 1.0)
+    critic = init_critic(spec.obs_dim, spec.hidden, act_cls)
     obs_rms = RunningMeanStd((spec.obs_dim,))
     if init is not None:
         policy.load_state_dict(init[0].state_dict())
@@ -133,44 +383,11 @@ def train_ppo(
         obs_rms.count = 1e4  # trust the start's statistics about as much as 10k new samples
     params = list(policy.parameters()) + list(critic.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
-
-    if gym.spec(cfg.env_id).vector_entry_point is not None:
-        # envs that batch their own sub-envs (learned adversaries); they auto-reset in-step
-        envs = gym.make_vec(
-            cfg.env_id,
-            num_envs=cfg.num_envs,
-            vectorization_mode="vector_entry_point",
-            **cfg.env_kwargs,
-        )
-    else:
-        envs = gym.make_vec(
-            cfg.env_id,
-            num_envs=cfg.num_envs,
-            vectorization_mode="sync",
-            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-            **cfg.env_kwargs,
-        )
-    ret_rms, disc_ret = RunningMeanStd(), np.zeros(cfg.num_envs)
-    n, T = cfg.num_envs, cfg.num_steps
-    batch = n * T
-    updates = max(1, cfg.total_steps // batch)
-    buf_obs = torch.zeros(T, n, spec.obs_dim)
-    buf_act = torch.zeros((T, n) if discrete else (T, n, spec.act_dim))
-    buf_logp, buf_rew, buf_done, buf_val = (torch.zeros(T, n) for _ in range(4))
-    ep_ret, recent = np.zeros(n), cast(list[float], [])
-    raw_obs, _ = envs.reset(seed=cfg.seed)
-    done = torch.zeros(n)
-    t0, step = time.perf_counter(), 0
-
-    def set_norm() -> None:
-        policy.obs_mean.copy_(torch.as_tensor(obs_rms.mean, dtype=torch.float32))
-        policy.obs_var.copy_(torch.as_tensor(obs_rms.var, dtype=torch.float32))
-
-    def dist(obs_t: torch.Tensor) -> torch.distributions.Distribution:
-        out = policy(obs_t)
-        if discrete:
-            return torch.distributions.Categorical(logits=out)
-        return torch.distributions.Normal(out, policy.log_std.exp().expand_as(out))
+    stream = RolloutStream(
+        cfg.env_id, cfg.env_kwargs, cfg.num_envs, cfg.seed, cfg.gamma, cfg.norm_reward
+    )
+    updates = max(1, cfg.total_steps // (cfg.num_envs * cfg.num_steps))
+    t0 = time.perf_counter()
 
     def value(obs_t: torch.Tensor) -> torch.Tensor:
         return critic(policy.normalize(obs_t)).squeeze(-1)
@@ -178,75 +395,19 @@ def train_ppo(
     for update in range(updates):
         if cfg.anneal_lr:
             opt.param_groups[0]["lr"] = cfg.lr * (1.0 - update / updates)
-        # ---- collect T steps from n envs (normalisation stats updated from raw obs) --------
-        for t in range(T):
-            obs_rms.update(raw_obs)
-            set_norm()
-            obs_t = torch.as_tensor(raw_obs, dtype=torch.float32)
-            with torch.no_grad():
-                d = dist(obs_t)
-                a = d.sample()
-                logp = d.log_prob(a) if discrete else d.log_prob(a).sum(-1)
-                buf_val[t] = value(obs_t)
-            buf_obs[t], buf_act[t], buf_logp[t], buf_done[t] = obs_t, a, logp, done
-            env_a = a.numpy() if discrete else np.clip(a.numpy(), dims["low"], dims["high"])
-            raw_obs, rew, term, trunc, _ = envs.step(env_a)
-            step += n
-            ep_ret += rew
-            d_np = np.logical_or(term, trunc)
-            if cfg.norm_reward:  # scale rewards by the std of the discounted return
-                disc_ret = disc_ret * cfg.gamma * (1 - d_np) + rew
-                ret_rms.update(disc_ret)
-                rew = np.clip(rew / np.sqrt(ret_rms.var + 1e-8), -10, 10)
-            buf_rew[t] = torch.as_tensor(rew, dtype=torch.float32)
-            done = torch.as_tensor(d_np, dtype=torch.float32)
-            for i in np.flatnonzero(d_np):
-                recent = (recent + [float(ep_ret[i])])[-20:]
-                ep_ret[i] = 0.0
-        # ---- GAE ------------------------------------------------------------------------
-        with torch.no_grad():
-            next_val = value(torch.as_tensor(raw_obs, dtype=torch.float32))
-            adv = torch.zeros(T, n)
-            last = torch.zeros(n)
-            for t in reversed(range(T)):
-                nonterm = 1.0 - (done if t == T - 1 else buf_done[t + 1])
-                nv = next_val if t == T - 1 else buf_val[t + 1]
-                delta = buf_rew[t] + cfg.gamma * nv * nonterm - buf_val[t]
-                last = delta + cfg.gamma * cfg.gae_lambda * nonterm * last
-                adv[t] = last
-            ret = adv + buf_val
-        b_obs, b_act = buf_obs.reshape(batch, -1), buf_act.reshape(batch, *buf_act.shape[2:])
-        b_logp, b_adv, b_ret = buf_logp.reshape(-1), adv.reshape(-1), ret.reshape(-1)
-        # ---- clipped-surrogate updates ------------------------------------------------------
-        mb = batch // cfg.minibatches
-        for _ in range(cfg.epochs):
-            perm = torch.as_tensor(rng.permutation(batch))
-            for start in range(0, batch, mb):
-                idx = perm[start : start + mb]
-                d = dist(b_obs[idx])
-                logp = d.log_prob(b_act[idx]) if discrete else d.log_prob(b_act[idx]).sum(-1)
-                ratio = (logp - b_logp[idx]).exp()
-                a_mb = b_adv[idx]
-                a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
-                pg = torch.max(
-                    -a_mb * ratio, -a_mb * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
-                )
-                v_loss = 0.5 * ((value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
-                ent = d.entropy() if discrete else d.entropy().sum(-1)
-                loss = pg.mean() - cfg.ent_coef * ent.mean() + cfg.vf_coef * v_loss
-                opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+        # normalisation stats are updated from the raw obs while collecting
+        ro = stream.collect(policy, value, cfg.num_steps, obs_rms)
+        b = gae_batch(ro, value, cfg.gamma, cfg.gae_lambda)
+        ppo_update(policy, value, opt, params, b, cfg, rng)
         if progress is not None:
-            progress(step, float(np.mean(recent)) if recent else float("nan"))
-    envs.close()
-    set_norm()
+            progress(stream.step, stream.recent_return())
+    stream.close()
+    _set_norm(policy, obs_rms)
     stats = {
-        "env_steps": step,
+        "env_steps": stream.step,
         "updates": updates,
         "wall_s": round(time.perf_counter() - t0, 1),
-        "final_train_return": float(np.mean(recent)) if recent else None,
+        "final_train_return": float(np.mean(stream.recent)) if stream.recent else None,
     }
     return policy, critic, stats
 
