@@ -225,6 +225,11 @@ def run(
         v = r["verdict"]
         colour = "green" if v["passed"] else "red"
         out.print(f"[bold {colour}]{'PASS' if v['passed'] else 'FAIL'}[/]: {v['summary']}")
+        from compressor.report_render import noise_warning
+
+        warn = noise_warning((r.get("derived") or {}).get("resolution"))
+        if warn:
+            out.print(f"[yellow]{warn}[/yellow]", highlight=False)
         out.print(f"run directory: {result.run_dir}")
         out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s")
     if not result.passed:

@@ -77,12 +77,60 @@ class PruneSection:
     micro_end: float = 0.5  # micro: share of the fine-tuning steps over which cuts happen
 
 
+#: ``distill``: distillation (+ DAgger); ``ppo``: PPO on the env's reward; ``distill+ppo``: the
+#: first, then the second.
+FINETUNE_METHODS = ("distill", "ppo", "distill+ppo")
+
+
+def check_finetune_settings(
+    method: str, ppo_steps: int, ppo_num_envs: int, ppo_num_steps: int, ppo_minibatches: int
+) -> None:
+    """Raise :class:`CompressorError` for a fine-tuning method or PPO shape that cannot run."""
+    if method not in FINETUNE_METHODS:
+        raise CompressorError(
+            f"finetune.method {method!r} is not one of: {', '.join(FINETUNE_METHODS)}"
+        )
+    if min(ppo_num_envs, ppo_num_steps, ppo_minibatches) < 1:
+        raise CompressorError(
+            "finetune.ppo_num_envs, ppo_num_steps and ppo_minibatches must be at least 1"
+        )
+    batch = ppo_num_envs * ppo_num_steps
+    if batch % ppo_minibatches:
+        raise CompressorError(
+            f"finetune.ppo_num_envs × ppo_num_steps ({batch}) must be divisible by "
+            f"ppo_minibatches ({ppo_minibatches})"
+        )
+    if ppo_steps < batch:
+        raise CompressorError(
+            f"finetune.ppo_steps ({ppo_steps}) must be at least ppo_num_envs × ppo_num_steps "
+            f"({batch}), one PPO rollout"
+        )
+
+
 @dataclass
-class FinetuneSection:
-    """``method``: ``distill`` (from the dense policy, + DAgger), ``ppo`` (on the env's reward,
-    from the file's critic or one learned first), or ``distill+ppo`` (both, in that order).
-    The ``ppo_*`` keys are PPO's (see ``compressor.finetune.FinetuneConfig``); ``ppo_steps``
-    counts env steps. ``smoothness_weight`` and ``preserve_certificate`` apply to both."""
+class FinetuneConfig:
+    """:param steps: optimiser steps. :param batch_size: states per step. :param lr: Adam
+    learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
+    :param adversarial_fraction: share of each batch attacked by PGD on the student.
+    :param adversarial_steps: PGD steps of that attack.
+    :param smoothness_weight: weight κ of SA-PPO's smoothness regulariser (0: off).
+    :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step.
+    :param dagger_rounds: rounds of rolling out the student and adding the states it visits
+        (labelled by the teacher) before training again: imitation's cure for drifting into
+        states the teacher never showed.
+    :param method: one of :data:`FINETUNE_METHODS`.
+    :param ppo_steps: env steps of PPO fine-tuning (rounded down to whole rollouts).
+    :param ppo_num_envs: parallel envs. :param ppo_num_steps: steps per env per rollout.
+    :param ppo_minibatches: minibatches per epoch. :param ppo_epochs: epochs per rollout.
+    :param ppo_lr: Adam learning rate (annealed linearly to 0). :param ppo_clip_coef: PPO clip.
+    :param ppo_ent_coef: entropy bonus. :param ppo_gamma: discount.
+    :param ppo_gae_lambda: GAE λ.
+    :param ppo_norm_reward: scale rewards by the std of the discounted return, as
+        ``compress train`` does by default; a loaded critic predicts values in the units it was
+        trained with, so match it (``false`` for policies trained with ``--no-norm-reward``).
+        A learned critic always uses scaled rewards (raw returns are slow to fit).
+    :param ppo_critic_steps: env steps of the value-only phase (on the dense policy's
+        rollouts) that learns a critic when the policy file has none."""
 
     steps: int = 2000
     batch_size: int = 256
@@ -90,13 +138,10 @@ class FinetuneSection:
     perturbed_fraction: float = 0.25
     adversarial_fraction: float = 0.25
     adversarial_steps: int = 3
-    smoothness_weight: float = 0.0  # SA-PPO smoothness regulariser κ (0: off)
+    smoothness_weight: float = 0.0
     preserve_certificate: bool = False
-    dagger_rounds: int = 2
-    dagger_episodes: int = 10
-    state_episodes: int = 20
-    state_seed: int = 10_000
-    method: str = "distill"  # distill | ppo | distill+ppo
+    dagger_rounds: int = 1
+    method: str = "distill"
     ppo_steps: int = 50_000
     ppo_num_envs: int = 8
     ppo_num_steps: int = 256
@@ -107,19 +152,25 @@ class FinetuneSection:
     ppo_ent_coef: float = 0.0
     ppo_gamma: float = 0.99
     ppo_gae_lambda: float = 0.95
-    ppo_norm_reward: bool = True  # as the file's critic was trained (--no-norm-reward: false)
-    ppo_critic_steps: int = 20_000  # value-only phase when the file has no critic
+    ppo_norm_reward: bool = True
+    ppo_critic_steps: int = 20_000
 
     def __post_init__(self) -> None:
-        from compressor.finetune import check_finetune_settings  # torch only when needed
-
         check_finetune_settings(
-            self.method,
-            self.ppo_steps,
-            self.ppo_num_envs,
-            self.ppo_num_steps,
-            self.ppo_minibatches,
+            self.method, self.ppo_steps, self.ppo_num_envs, self.ppo_num_steps, self.ppo_minibatches
         )
+
+
+@dataclass
+class FinetuneSection(FinetuneConfig):
+    """``[finetune]``: the fine-tuning settings (:class:`FinetuneConfig`) and where its states
+    come from: ``state_episodes`` dense-policy episodes from seed ``state_seed``, then
+    ``dagger_episodes`` student episodes per DAgger round."""
+
+    dagger_rounds: int = 2
+    dagger_episodes: int = 10
+    state_episodes: int = 20
+    state_seed: int = 10_000
 
 
 @dataclass

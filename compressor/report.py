@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -326,6 +327,40 @@ def build_report(
 
 
 # ---- values derived from the report alone ---------------------------------------------------
+def resolution(budget: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether the evaluation can tell a pass from a fail: the budget's allowed loss against
+    the chance difference of two means over this many episodes.
+
+    A candidate's mean is compared with the dense policy's; with equal spread, the 95% CI of
+    their difference is about √2 times the dense CI's half-width. When that exceeds the allowed
+    loss (``budget × scale``), a verdict can flip with the episode seeds; CI half-widths shrink
+    as 1/√n, so ``episodes_needed`` = n·(half-width of the difference / allowed loss)².
+    """
+    ev = dense.get("evaluation") or {}
+    runs = [ev.get("clean"), (ev.get("attacks") or {}).get(dense.get("strongest_attack") or "")]
+    widths = []
+    n = None
+    for run in runs:
+        ret = (run or {}).get("return") or {}
+        if ret.get("ci_low") is None or ret.get("ci_high") is None:
+            continue
+        widths.append((ret["ci_high"] - ret["ci_low"]) / 2)
+        n = ret.get("n", n)
+    margin = budget["budget"] * budget["scale"]
+    if not widths or not n or margin <= 0:
+        return None
+    diff = math.sqrt(2) * max(widths)
+    return {
+        "allowed_loss": margin,
+        "clean_ci_halfwidth": widths[0],
+        "robust_ci_halfwidth": widths[1] if len(widths) > 1 else None,
+        "difference_ci_halfwidth": diff,
+        "episodes": n,
+        "episodes_needed": max(n, math.ceil(n * (diff / margin) ** 2)),
+        "resolved": diff <= margin,
+    }
+
+
 def derive(r: dict[str, Any]) -> dict[str, Any]:
     """Sweet spot, normalised scores, why no higher sparsity passed, and the regret split.
 
@@ -385,6 +420,7 @@ def derive(r: dict[str, Any]) -> dict[str, Any]:
 
     rows = [split(dense, "dense")] + [split(p, "candidate") for p in front]
     return {
+        "resolution": resolution(b, dense),
         "scores": {"dense": score(dense), "frontier": scores},
         "sweet_spot": sweet,
         "limit": limit,
@@ -456,6 +492,8 @@ def complete(r: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         rep["completed_from_schema_version"] = r.get("schema_version")
     if "derived" not in r:
         r["derived"] = derive(r)
+    elif "resolution" not in r["derived"]:  # added in schema version 3
+        r["derived"]["resolution"] = resolution(r["budget"], r["dense"])
     r["schema_version"] = max(int(r.get("schema_version", 1)), SCHEMA_VERSION)
     return r
 

@@ -187,6 +187,9 @@ def _verdict(r: dict[str, Any]) -> dict[str, Any]:
         ]
         out["limit"] = "Nothing was exported. Per candidate, the checks that failed are above."
     out["checks"] = checks
+    noise = noise_warning(dv.get("resolution"))
+    if noise:
+        out["noise"] = noise
     sw = dv.get("sweet_spot")
     if sw:
         out["sweet"] = (
@@ -201,6 +204,19 @@ def _verdict(r: dict[str, Any]) -> dict[str, Any]:
             )
         )
     return out
+
+
+def noise_warning(res: dict[str, Any] | None) -> str:
+    """One sentence when the evaluation cannot resolve the budget ("" when it can)."""
+    if not res or res.get("resolved", True):
+        return ""
+    return (
+        f"Noise: the budget allows a loss of {num(res['allowed_loss'])}, but two means over "
+        f"{res['episodes']} episodes differ by up to ±{num(res['difference_ci_halfwidth'])} by "
+        "chance (95%), so a verdict near the floors can flip with the seeds; about "
+        f"{res['episodes_needed']} episodes per evaluation would resolve it ([evaluation] "
+        "episodes), or a policy whose returns vary less."
+    )
 
 
 def _dense_vs_chosen(r: dict[str, Any]) -> dict[str, Any]:

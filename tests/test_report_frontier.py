@@ -188,3 +188,30 @@ def test_dense_sweet_spot_old_reports_and_other_unknown_blocks(run: Path) -> Non
     md, html = render_markdown(r, {}), render_html(r, {})
     assert HEADING not in md and HEADING not in html
     assert "## Calibration" in md and "<h2>Calibration</h2>" in html
+
+
+def _dense_with_spread(returns: list[float]) -> dict[str, object]:
+    stats = summarize_returns(np.array(returns))
+    ret = {"mean": stats.mean, "ci_low": stats.ci_low, "ci_high": stats.ci_high, "n": stats.n}
+    return {
+        "strongest_attack": "mad",
+        "evaluation": {"clean": {"return": ret}, "attacks": {"mad": {"return": ret}}},
+    }
+
+
+def test_resolution_says_when_the_episodes_cannot_resolve_the_budget() -> None:
+    from compressor.report import resolution
+    from compressor.report_render import noise_warning
+
+    rng = np.random.default_rng(0)
+    budget = {"budget": 0.05, "scale": 1000.0}  # allowed loss 50
+    steady = resolution(budget, _dense_with_spread(list(1000 + rng.normal(0, 5, 16))))
+    noisy = resolution(budget, _dense_with_spread(list(1000 + rng.normal(0, 400, 16))))
+    assert steady is not None and noisy is not None
+    assert steady["resolved"] and steady["episodes_needed"] == 16
+    assert noise_warning(steady) == ""
+    assert not noisy["resolved"]
+    # CI half-widths shrink as 1/sqrt(n): the suggested count brings the difference's CI to 50
+    want = 16 * (noisy["difference_ci_halfwidth"] / 50) ** 2
+    assert noisy["episodes_needed"] == int(np.ceil(want)) > 16
+    assert f"about {noisy['episodes_needed']} episodes" in noise_warning(noisy)
