@@ -177,7 +177,7 @@ def run(
     paths = [resolve_source(sources[0])] if single else expand_sources(sources, resolve_source)
     if name is not None and not single:
         raise CompressorError("--name names one run; in a batch each run is named after its policy")
-    ex = make_executor(executor, workers or default_workers(), address)
+    ex = make_executor(executor, default_workers() if workers is None else workers, address)
     try:
 
         def run_one(path: Path, run_name: str | None) -> Any:
@@ -835,6 +835,14 @@ def train(
     ent_coef: Annotated[float, typer.Option(help="Entropy bonus.")] = 0.0,
     norm_reward: Annotated[bool, typer.Option(help="Scale rewards by return std.")] = True,
     eval_episodes: Annotated[int, typer.Option(help="Deterministic evaluation episodes.")] = 10,
+    env_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            "--env-kwargs",
+            help='JSON object of gymnasium.make kwargs, e.g. \'{"include_cfrc_ext_in_observation": '
+            "false}'; recorded in the policy's spec.",
+        ),
+    ] = None,
 ) -> None:
     """Train a dense reference policy with PPO (Gaussian or categorical, by action space)."""
     from compressor.evaluate import evaluate as run_eval
@@ -848,8 +856,15 @@ def train(
         raise CompressorError(
             f"--hidden must be comma-separated integers, got {hidden!r}"
         ) from None
+    try:
+        kwargs = json.loads(env_kwargs) if env_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise CompressorError(f"--env-kwargs is not valid JSON: {exc.msg}") from None
+    if not isinstance(kwargs, dict):
+        raise CompressorError("--env-kwargs must be a JSON object")
     cfg = PPOConfig(
         env_id=env_id,
+        env_kwargs=kwargs,
         total_steps=steps,
         seed=seed,
         hidden=widths,
@@ -867,7 +882,8 @@ def train(
     rep = Reporter()
     with rep.stage("train", total=steps) as upd:
         pol, critic, stats = train_ppo(cfg, lambda s, _r: upd(s))
-    res, _ = run_eval(pol, env_id, {}, list(range(cfg.eval_seed, cfg.eval_seed + eval_episodes)))
+    seeds = list(range(cfg.eval_seed, cfg.eval_seed + eval_episodes))
+    res, _ = run_eval(pol, env_id, kwargs, seeds)
     stats["eval"] = res.to_dict()["return"]
     stats["command"] = ["compress", *sys.argv[1:]]
     save_trained(pol, critic, cfg, stats, output)

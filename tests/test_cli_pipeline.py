@@ -52,6 +52,8 @@ def test_evaluate_json() -> None:
         (["evaluate", CARTPOLE, "--env", "NoSuchEnv-v0"], 3, "NoSuchEnv"),
         (["evaluate", CARTPOLE, "--env", "Hopper-v5"], 3, "observations"),
         (["run", CARTPOLE, "--profile", "nope"], 3, "unknown profile"),
+        (["run", CARTPOLE, "--executor", "dask"], 3, "unknown executor"),
+        (["run", CARTPOLE, "--workers", "0"], 3, "--workers"),
         (["evaluate"], 2, ""),
         (["no-such-command"], 2, ""),
     ],

@@ -168,3 +168,24 @@ def test_unknown_profile_and_target_names(tmp_path: Path) -> None:
     t.write_text("opset = 99\n")
     with pytest.raises(CompressorError, match="opset"):
         load_target(str(t))
+
+
+@pytest.mark.parametrize("name", list_shipped("profiles"))
+def test_every_shipped_profile_has_its_reference_policy(name: str) -> None:
+    """Each shipped profile's reference policy is there, is for its env, fits the env's
+    spaces, and carries the critic that the critic attack and PPO fine-tuning use."""
+    from compressor.config import profile_policy_path
+    from compressor.envs import check_policy_fits_env
+    from compressor.loading import load_policy
+
+    prof = load_profile(name)
+    path = profile_policy_path(prof)
+    assert path is not None and path.is_file(), f"{name}: no reference policy"
+    loaded = load_policy(path)
+    spec = loaded.policy.spec
+    assert spec.env_id == prof.env.id
+    check_policy_fits_env(
+        spec.obs_dim, spec.act_dim, spec.head == "categorical", prof.env.id, prof.env.kwargs
+    )
+    assert loaded.critic is not None
+    assert prof.reference.best_return is not None and prof.reference.source
