@@ -43,6 +43,24 @@ ProfileOpt = Annotated[
     str | None, typer.Option("--profile", help="Profile name or TOML file (default: by env).")
 ]
 EnvOpt = Annotated[str | None, typer.Option("--env", help="Gymnasium env id (overrides).")]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor", help="Where evaluations and candidates run: local (process pool) or ray."
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Parallel workers (default: the cores; 1 runs everything in this process). With "
+        "ray and --address local: the CPUs of a private Ray instance.",
+    ),
+]
+AddressOpt = Annotated[
+    str,
+    typer.Option("--address", help="Ray cluster: auto, HOST:PORT, or local (a private one)."),
+]
 
 
 def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
@@ -112,26 +130,6 @@ def _setup_torch() -> None:
 
 
 # ---- main job ---------------------------------------------------------------------------------
-ExecutorOpt = Annotated[
-    str,
-    typer.Option(
-        "--executor", help="Where evaluations and candidates run: local (process pool) or ray."
-    ),
-]
-WorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        help="Parallel workers (default: the cores; 1 runs everything in this process). With "
-        "ray and --address local: the CPUs of a private Ray instance.",
-    ),
-]
-AddressOpt = Annotated[
-    str,
-    typer.Option("--address", help="Ray cluster: auto, HOST:PORT, or local (a private one)."),
-]
-
-
 @app.command(rich_help_panel=PANEL_MAIN)
 def run(
     sources: Annotated[
@@ -367,6 +365,9 @@ def attack(
     ] = None,
     profile: ProfileOpt = None,
     env: EnvOpt = None,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = None,
+    address: AddressOpt = "local",
     as_json: JsonOpt = False,
 ) -> None:
     """Return under observation attacks (policy-aware, in the ε-ball), with the TV reached.
@@ -378,6 +379,7 @@ def attack(
     """
     from compressor.attacks import ATTACKS, NEEDS_CRITIC, AttackBudget, AttackContext
     from compressor.evaluate import evaluate_suite
+    from compressor.executor import default_workers, make_executor
     from compressor.progress import Reporter
 
     _setup_torch()
@@ -410,6 +412,7 @@ def attack(
         warm_start=warm_start,
     )
     rep = Reporter()
+    ex = make_executor(executor, default_workers() if workers is None else workers, address)
     with rep.stage("attacks", total=len(names) + 1) as upd:
         count = [0]
 
@@ -417,17 +420,21 @@ def attack(
             upd(count[0])
             count[0] += 1
 
-        suite = evaluate_suite(
-            loaded.policy.eval(),
-            prof.env.id,
-            env_kwargs,
-            list(range(seed, seed + episodes)),
-            names,
-            threat,
-            attack_seed=prof.attacks.seed,
-            on_stage=bump,
-            context=ctx,
-        )
+        try:
+            suite = evaluate_suite(
+                loaded.policy.eval(),
+                prof.env.id,
+                env_kwargs,
+                list(range(seed, seed + episodes)),
+                names,
+                threat,
+                attack_seed=prof.attacks.seed,
+                on_stage=bump,
+                executor=ex,
+                context=ctx,
+            )
+        finally:
+            ex.close()
     t = Table("attack", "mean return", "95% CI", "mean TV reached", "training")
     for r in [suite.clean, *suite.attacks.values()]:
         s = r.stats
