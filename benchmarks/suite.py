@@ -154,13 +154,20 @@ def main() -> None:
     ap.add_argument("--episodes-per-job", type=int, default=8)
     ap.add_argument("--run-source", default="hopper", help="policy or profile for compress run")
     ap.add_argument("--skip-runs", action="store_true", help="skip the compress run jobs")
+    ap.add_argument(
+        "--only", choices=["throughput", "executors", "runs"], help="run one section only"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {"throughput": []}
 
-    print(f"== throughput ({args.env}, {Path(args.policy).name}, ε {args.eps}) ==")
-    for n in args.num_envs:
+    def wanted(section: str) -> bool:
+        return args.only in (None, section)
+
+    if wanted("throughput"):
+        print(f"== throughput ({args.env}, {Path(args.policy).name}, ε {args.eps}) ==")
+    for n in args.num_envs if wanted("throughput") else []:
         t = throughput(args.policy, args.env, args.eps, n, args.episodes)
         results["throughput"].append(t)
         print(
@@ -169,11 +176,16 @@ def main() -> None:
             f"  MAD/raw {t['mad_over_raw']:.3f} (≥ 0.25)"
         )
 
-    print(f"== executors ({args.jobs} MAD evaluation jobs of {args.episodes_per_job} episodes) ==")
-    e = executor_speedups(
-        args.policy, args.env, args.eps, args.num_envs[0], args.jobs, args.episodes_per_job
-    )
-    results["executors"] = e
+    if not wanted("executors"):
+        e: dict[str, Any] = {}
+    else:
+        print(
+            f"== executors ({args.jobs} MAD evaluation jobs of {args.episodes_per_job} episodes) =="
+        )
+        e = executor_speedups(
+            args.policy, args.env, args.eps, args.num_envs[0], args.jobs, args.episodes_per_job
+        )
+        results["executors"] = e
     for kind in ("local", "ray"):
         if f"{kind}_1_s" in e:
             print(
@@ -184,7 +196,7 @@ def main() -> None:
         elif kind in e:
             print(f"{kind}: {e[kind]}")
 
-    if not args.skip_runs:
+    if wanted("runs") and not args.skip_runs:
         print(f"== compress run {args.run_source} (--workers 1 vs 2) ==")
         with tempfile.TemporaryDirectory() as tmp:
             c = compress_runs(args.run_source, Path(tmp))

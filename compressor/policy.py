@@ -10,6 +10,7 @@ no optimiser step can revive a pruned weight: its effective value is always zero
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -216,11 +217,30 @@ class Policy(nn.Module):
         """Normalised input -> head pre-activation (Gaussian mean, logits, or raw action)."""
         h = z
         last = len(self.layers) - 1
+        frozen = getattr(self, "_frozen", None)
         for i, (layer, m) in enumerate(zip(self.layers, self.masks())):
-            h = nn.functional.linear(h, layer.weight * m, layer.bias)
+            w = frozen[i] if frozen is not None else layer.weight * m
+            h = nn.functional.linear(h, w, layer.bias)
             if i < last:
                 h = self.act_fn(h)
         return h
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[Policy]:
+        """Within this block the weights are only read: ``W ⊙ M`` is computed once, outside
+        autograd, instead of at every forward pass (attacks run many passes per env step).
+        Gradients still flow to the input; none reach the weights. The same numbers as the
+        unfrozen forward, bit for bit. Re-entrant; never use it while training the policy."""
+        if getattr(self, "_frozen", None) is not None:
+            yield self
+            return
+        with torch.no_grad():
+            weights = [layer.weight * m for layer, m in zip(self.layers, self.masks())]
+        self._frozen: list[torch.Tensor] | None = weights
+        try:
+            yield self
+        finally:
+            self._frozen = None
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """Raw observation batch -> head output (Gaussian mean, or categorical logits)."""

@@ -7,6 +7,7 @@ candidate policy is evaluated on the same episodes (common random numbers).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,12 @@ def rollout(
     next_episode = n
     done_count = 0
     steps = 0
+    # the policy's weights are only read here (and by attacks on it): compute W ⊙ M once
+    freeze = getattr(policy, "frozen", None)
+    read_only = contextlib.ExitStack()
     try:
+        if callable(freeze):
+            read_only.enter_context(freeze())
         obs, _ = envs.reset(seed=[int(s) for s in seeds[:n]])  # type: ignore[arg-type]
         while done_count < n_eps:
             active = slot_episode >= 0
@@ -169,6 +175,7 @@ def rollout(
             # episodes are ignored
             obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": ended})  # type: ignore[arg-type]
     finally:
+        read_only.close()
         envs.close()
     return RolloutResult(
         returns=returns,

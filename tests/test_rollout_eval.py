@@ -68,3 +68,22 @@ def test_attacked_evaluation_reports_tv() -> None:
     mad = evaluate_attack(pol, "CartPole-v1", {}, [0], "mad", th, num_envs=1)
     assert rnd.mean_tv is not None and mad.mean_tv is not None
     assert mad.mean_tv > 1.5 * rnd.mean_tv
+
+
+def test_frozen_policy_gives_the_same_numbers_and_gradients() -> None:
+    """Rollouts freeze the policy (W ⊙ M computed once): outputs and input gradients are
+    bit-identical, no gradient reaches the weights, and training works again afterwards."""
+    from compressor.prune import prune
+
+    pol = prune(make_policy(obs_dim=5, act_dim=2), 0.5)
+    x = torch.randn(7, 5, requires_grad=True)
+    out = pol(x)
+    (g_plain,) = torch.autograd.grad(out.square().sum(), x)
+    with pol.frozen(), pol.frozen():  # re-entrant
+        out_f = pol(x)
+        (g_frozen,) = torch.autograd.grad(out_f.square().sum(), x, retain_graph=True)
+        out_f.sum().backward()
+        assert all(layer.weight.grad is None for layer in pol.layers)
+    assert torch.equal(out, out_f) and torch.equal(g_plain, g_frozen)
+    pol(x).sum().backward()
+    assert all(layer.weight.grad is not None for layer in pol.layers)
