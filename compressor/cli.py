@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from compressor.errors import EXIT_BUDGET_NOT_MET, CompressorError
@@ -91,7 +92,7 @@ def _load(src: str, env: str | None = None, vecnormalize: str | None = None) -> 
 
     loaded = load_policy(resolve_source(src), env_id=env, vecnormalize=vecnormalize)
     for w in loaded.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}")
     return loaded
 
 
@@ -204,7 +205,8 @@ def run(
 
             def show(row: BatchRow) -> None:
                 if row.status == "error":
-                    err.print(f"[red]error[/red] {row.source}: {row.error}", highlight=False)
+                    msg = f"{row.source}: {row.error}"
+                    err.print(f"[red]error[/red] {escape(msg)}", highlight=False)
 
             rows = run_batch(paths, out_dir, batch_one, on_row=show)
     finally:
@@ -227,7 +229,7 @@ def run(
 
         warn = noise_warning((r.get("derived") or {}).get("resolution"))
         if warn:
-            out.print(f"[yellow]{warn}[/yellow]", highlight=False)
+            out.print(f"[yellow]{escape(warn)}[/yellow]", highlight=False)
         out.print(f"run directory: {result.run_dir}")
         out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s")
     if not result.passed:
@@ -274,7 +276,7 @@ def _batch_summary(rows: list[Any], out_dir: Path, as_json: bool) -> None:
     wide.print(t)
     for r in rows:
         if r.status == "error":
-            wide.print(f"[red]error[/red] {r.run_name}: {r.error}", highlight=False)
+            wide.print(f"[red]error[/red] {r.run_name}: {escape(r.error or '')}", highlight=False)
 
 
 @app.command(rich_help_panel=PANEL_MAIN)
@@ -286,7 +288,7 @@ def report(
 
     r = rerender(run_dir)
     for problem in validate(r):
-        err.print(f"[yellow]schema:[/yellow] {problem}", highlight=False)
+        err.print(f"[yellow]schema:[/yellow] {escape(problem)}", highlight=False)
     for name in ("report.json", "report.md", "report.html"):
         out.print(f"wrote {run_dir / name}")
 
@@ -649,7 +651,7 @@ def bench(
     pol = _load(policy).policy.eval() if policy else None
     res = bench_model(model, target, pol, warmup=warmup, iters=iters, allow_fallback=allow_fallback)
     if res.fallback:
-        err.print(f"[yellow]fallback:[/yellow] {res.fallback}")
+        err.print(f"[yellow]fallback:[/yellow] {escape(str(res.fallback))}")
     t = Table("batch", "p50 ms", "p95 ms", "p99 ms", "torch p50 ms", "onnx ÷ torch")
     for b, s in res.onnx.items():
         ts = res.torch.get(b)
@@ -907,7 +909,8 @@ def main() -> None:
     try:
         app()
     except CompressorError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        message = escape(str(exc))
+        err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from compressor.attacks import NEEDS_CRITIC, AttackBudget, AttackContext
 from compressor.certify import GlobalCertificate, certify_global
@@ -119,7 +120,7 @@ def run_pipeline(
     torch.set_num_threads(1)  # tiny MLPs: threads only add overhead and oversubscribe cores
     loaded = load_policy(src)
     for w in loaded.warnings:
-        rep.info(f"[yellow]warning:[/yellow] {w}")
+        rep.info(f"[yellow]warning:[/yellow] {escape(w)}")
     dense = loaded.policy.eval()
     prof = resolve_profile(loaded, profile, rep)
     if prune_method is not None:
@@ -259,7 +260,9 @@ def run_pipeline(
             journal.record(c)
             finished[Journal.key(c.target_sparsity)] = c
             verdict = (
-                "[green]pass[/green]" if c.passed else f"[red]fail[/red]: {'; '.join(c.reasons)}"
+                "[green]pass[/green]"
+                if c.passed
+                else f"[red]fail[/red]: {escape('; '.join(c.reasons))}"
             )
             rep.info(
                 f"  sparsity {c.sparsity:.3f}: clean {c.suite.clean.stats.mean:.1f}, robust "

@@ -210,3 +210,12 @@ def test_batch_names_and_errors(tmp_path: Path) -> None:
     assert r.returncode == 3 and "--name" in r.stderr
     with pytest.raises(CompressorError):
         run_names([Path("a/p.pt"), Path("a/p.pt")])
+
+
+def test_error_messages_keep_their_brackets(tmp_path: Path) -> None:
+    """Messages are printed literally: a TOML section name is not taken for console markup."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[threat]\nepz = 0.1\n")
+    r = compress("run", CARTPOLE, "--profile", str(bad))
+    assert r.returncode == 3
+    assert "[threat]: unknown key 'epz'" in r.stderr
