@@ -42,14 +42,20 @@ class EvaluationSection:
 
 
 @dataclass
-class AttacksSection:
-    """``screen`` runs on every candidate, ``final`` on the dense and the chosen policy (put
-    the attacks that train first there); the other keys are the training budgets of
-    ``compressor.attacks.AttackBudget``."""
+class AttackBudget:
+    """Training budgets of the attacks that learn something before they attack.
 
-    screen: list[str] = field(default_factory=lambda: ["random", "mad"])
-    final: list[str] = field(default_factory=lambda: ["random", "mad"])
-    seed: int = 0
+    :param pgd_steps: PGD steps of every gradient attack (literature: 10 of ε/10).
+    :param rs_episodes: episodes of the victim (stochastic actions) whose transitions train
+        Robust Sarsa's ``Q^π``.
+    :param rs_epochs: passes over those transitions per regulariser strength.
+    :param rs_reg: smoothness regulariser strengths to scan; the strongest attack is kept.
+    :param rs_scan_episodes: episodes (on seeds apart from the evaluation's) that pick it.
+    :param mad_rs_ratio: weight of MAD in the MAD+RS objective (the rest on RS's ``-Q``).
+    :param learned_steps: env steps of PPO training of each learned adversary (SA-RL, PA-AD).
+    :param learned_num_envs: parallel envs of that training.
+    """
+
     pgd_steps: int = 10
     rs_episodes: int = 20
     rs_epochs: int = 30
@@ -58,6 +64,23 @@ class AttacksSection:
     mad_rs_ratio: float = 0.2
     learned_steps: int = 100_000
     learned_num_envs: int = 8
+
+    @classmethod
+    def from_section(cls, section: Any) -> AttackBudget:
+        """The budgets named in a profile's ``[attacks]`` section (same field names)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
+
+
+@dataclass
+class AttacksSection(AttackBudget):
+    """``[attacks]``: the training budgets (:class:`AttackBudget`) and which attacks run:
+    ``screen`` on every candidate, ``final`` on the dense and the chosen policy (put the attacks
+    that train there)."""
+
+    screen: list[str] = field(default_factory=lambda: ["random", "mad"])
+    final: list[str] = field(default_factory=lambda: ["random", "mad"])
+    seed: int = 0
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from compressor.attacks.pgd import pgd
+from compressor.attacks.pgd import max_divergence_point, pgd_in_ball
 from compressor.config import FinetuneConfig, check_finetune_settings
 from compressor.policy import Policy
 from compressor.threat import ThreatModel, sample_ball
@@ -124,15 +124,13 @@ def distill(
                 # rows [n_noise, n_noise + n_adv): PGD on the student, target at the true state
                 lo, hi = n_noise, n_noise + n_adv
                 tgt = target[lo:hi]
-                adv = pgd(
+                adv = pgd_in_ball(
                     lambda z: student.divergence(tgt, student(z)),
                     x[lo:hi],
                     scale,
-                    threat.eps,
-                    norm=threat.norm,
-                    steps=cfg.adversarial_steps,
-                    random_start=True,
-                    generator=g,
+                    threat,
+                    cfg.adversarial_steps,
+                    g,
                 )
                 seen = torch.cat([seen[:lo], adv, seen[hi:]])
         loss = student.divergence(target, student(seen)).mean()
@@ -178,16 +176,7 @@ def smoothness_penalty(
     """
     with torch.no_grad():
         ref = policy(x)
-    x_adv = pgd(
-        lambda z: policy.divergence(ref, policy(z)),
-        x,
-        scale,
-        threat.eps,
-        norm=threat.norm,
-        steps=steps,
-        random_start=True,
-        generator=generator,
-    )
+    x_adv = max_divergence_point(policy, x, scale, threat, steps, generator, ref=ref)
     log_std: torch.Tensor | None = getattr(policy, "log_std", None)
     if log_std is None or not log_std.requires_grad:
         return policy.divergence(ref, policy(x_adv)).mean()

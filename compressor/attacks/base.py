@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from compressor.config import AttackBudget
 from compressor.policy import Policy
 from compressor.threat import ThreatModel
 
@@ -30,37 +30,6 @@ class Attack(Protocol):
     info: dict[str, Any]
 
     def perturb(self, obs: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
-class AttackBudget:
-    """Training budgets of the attacks that learn something before they attack.
-
-    :param pgd_steps: PGD steps of every gradient attack (literature: 10 of ε/10).
-    :param rs_episodes: episodes of the victim (stochastic actions) whose transitions train
-        Robust Sarsa's ``Q^π``.
-    :param rs_epochs: passes over those transitions per regulariser strength.
-    :param rs_reg: smoothness regulariser strengths to scan; the strongest attack is kept.
-    :param rs_scan_episodes: episodes (on seeds apart from the evaluation's) that pick it.
-    :param mad_rs_ratio: weight of MAD in the MAD+RS objective (the rest on RS's ``-Q``).
-    :param learned_steps: env steps of PPO training of each learned adversary (SA-RL, PA-AD).
-    :param learned_num_envs: parallel envs of that training.
-    """
-
-    pgd_steps: int = 10
-    rs_episodes: int = 20
-    rs_epochs: int = 30
-    rs_reg: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
-    rs_scan_episodes: int = 4
-    mad_rs_ratio: float = 0.2
-    learned_steps: int = 100_000
-    learned_num_envs: int = 8
-
-    @classmethod
-    def from_section(cls, section: Any) -> AttackBudget:
-        """The budgets named in a profile's ``[attacks]`` section (same field names)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from compressor.attacks.base import AttackContext
-from compressor.attacks.pgd import pgd
+from compressor.attacks.pgd import max_divergence_point
 
 
 class MADAttack:
@@ -30,19 +30,6 @@ class MADAttack:
 
     def perturb(self, obs: torch.Tensor) -> torch.Tensor:
         """:param obs: true raw observations (batch, dim)."""
-        with torch.no_grad():
-            clean = self.policy(obs)
-
-        def objective(x: torch.Tensor) -> torch.Tensor:
-            return self.policy.divergence(clean, self.policy(x))
-
-        return pgd(
-            objective,
-            obs,
-            self._scale,
-            self.threat.eps,
-            norm=self.threat.norm,
-            steps=self.steps,
-            random_start=True,
-            generator=self._gen,
+        return max_divergence_point(
+            self.policy, obs, self._scale, self.threat, self.steps, self._gen
         )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from compressor.threat import project, sample_ball
+from compressor.threat import ThreatModel, project, sample_ball
+
+if TYPE_CHECKING:
+    from compressor.policy import Policy
 
 
 def pgd(
@@ -66,3 +70,46 @@ def pgd(
                 step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             delta = project(delta.detach() + alpha * step, eps, norm)
     return (x0 + best * scale).detach()
+
+
+def pgd_in_ball(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    scale: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`pgd` in ``threat``'s ball (its ε and norm) from a random start, ``steps`` steps
+    of ε/steps: how the attacks and the fine-tuning's adversarial terms call it."""
+    return pgd(
+        objective,
+        x0,
+        scale,
+        threat.eps,
+        norm=threat.norm,
+        steps=steps,
+        random_start=True,
+        generator=generator,
+    )
+
+
+def max_divergence_point(
+    policy: Policy,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    generator: torch.Generator | None = None,
+    ref: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The point of the ball around each row of ``x`` where the policy's output moves most from
+    its output at ``x`` (MAD's objective; SA-PPO's smoothness regulariser's inner max).
+
+    :param ref: ``policy(x)`` if the caller already has it (without gradient)."""
+    if ref is None:
+        with torch.no_grad():
+            ref = policy(x)
+    return pgd_in_ball(
+        lambda z: policy.divergence(ref, policy(z)), x, scale, threat, steps, generator
+    )

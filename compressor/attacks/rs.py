@@ -26,7 +26,7 @@ from torch import nn
 
 from compressor import atomic
 from compressor.attacks.base import AttackContext
-from compressor.attacks.pgd import pgd
+from compressor.attacks.pgd import pgd, pgd_in_ball
 from compressor.errors import CompressorError
 from compressor.policy import Policy
 
@@ -331,13 +331,4 @@ class MadRsAttack:
                 div = div.clamp_min(1e-12).sqrt()  # Mahalanobis shift, in std units
             return (1 - self.ratio) * q_term + self.ratio * div
 
-        return pgd(
-            objective,
-            obs,
-            self._scale,
-            self.threat.eps,
-            norm=self.threat.norm,
-            steps=self.steps,
-            random_start=True,
-            generator=self._gen,
-        )
+        return pgd_in_ball(objective, obs, self._scale, self.threat, self.steps, self._gen)
