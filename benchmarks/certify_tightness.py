@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.certify import certify_global, empirical_search
-from compressor.certify_local import certify_local
+from compressor.certify.global_bound import certify_global, empirical_search
+from compressor.certify.local import certify_local
+from compressor.core.threat import ThreatModel
 from compressor.evaluate import evaluate
-from compressor.loading import load_policy
-from compressor.policy import Policy
-from compressor.prune import prune
-from compressor.threat import ThreatModel
+from compressor.policy.loading import load_policy
+from compressor.policy.model import Policy
+from compressor.prune.criteria import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_HOPPER = ROOT.parent / "shared" / "policies" / "sb3-ppo-Hopper-v3" / "model.zip"

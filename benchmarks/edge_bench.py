@@ -3,11 +3,11 @@
 Variants of ``profiles/hopper.pt`` (11→256→256→3, tanh, Gaussian):
 
 - ``dense``: the policy as shipped;
-- ``unstructured``: magnitude pruning at 0.775 (``compressor.prune.prune``), no fine-tuning;
+- ``unstructured``: magnitude pruning at 0.775 (``prune.criteria.prune``), no fine-tuning;
 - ``structured``: the weakest 70 % of each hidden layer's neurons cut
-  (``compressor.bench.structured_prune``), no fine-tuning: export removes them physically;
+  (``compressor.deploy.bench.structured_prune``), no fine-tuning: export removes them physically;
 - ``int8`` / ``qdq`` / ``fp16`` / ``int8w``: the dense export quantised
-  (``compressor.quantize.quantize_model``; qdq calibrated on states the dense policy visits).
+  (``compressor.deploy.quantize.quantize_model``; qdq calibrated on states the dense policy visits).
 
 Fine-tuning is left out on purpose: it changes weights, not shapes, so size and latency are the
 same with or without it, while the returns below show what pruning alone does. Every return is
@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from compressor.bench import bench_model, structured_prune
-from compressor.certify import certify_global
-from compressor.config import load_target
-from compressor.export import export_onnx
-from compressor.policy import Policy, load_native
-from compressor.prune import prune
-from compressor.quantize import OnnxActor, quantize_model
-from compressor.rollout import rollout
-from compressor.threat import ThreatModel
+from compressor.certify.global_bound import certify_global
+from compressor.core.config import load_target
+from compressor.core.threat import ThreatModel
+from compressor.deploy.bench import bench_model, structured_prune
+from compressor.deploy.export import export_onnx
+from compressor.deploy.quantize import OnnxActor, quantize_model
+from compressor.policy.model import Policy, load_native
+from compressor.prune.criteria import prune
+from compressor.rl.rollout import rollout
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_ID = "Hopper-v5"

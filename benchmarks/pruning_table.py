@@ -27,8 +27,8 @@ def run_one(
     src: str, method: str, budget: float, out: Path, profile: str | None, workers: int = 1
 ) -> dict[str, Any]:
     """One ``compress run`` with ``--prune-method method``; the row of the table."""
-    from compressor.executor import make_executor
-    from compressor.pipeline import run_pipeline
+    from compressor.core.executor import make_executor
+    from compressor.run.pipeline import run_pipeline
 
     name = f"{Path(src).parent.name if Path(src).stem == 'model' else Path(src).stem}-{method}"
     t0 = time.perf_counter()

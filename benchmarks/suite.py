@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from compressor.core.executor import Executor, make_executor
+from compressor.core.threat import ThreatModel
 from compressor.evaluate import _suite_job, evaluate, evaluate_attack
-from compressor.executor import Executor, make_executor
-from compressor.loading import load_policy
-from compressor.performance import raw_steps_per_s
-from compressor.threat import ThreatModel
+from compressor.policy.loading import load_policy
+from compressor.report.performance import raw_steps_per_s
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from compressor.attacks import AttackContext, make_attack
-from compressor.executor import Executor
-from compressor.policy import Policy
-from compressor.rollout import Actor, RolloutResult, rollout
-from compressor.stats import ReturnStats, summarize_returns
-from compressor.threat import ThreatModel
+from compressor.core.executor import Executor
+from compressor.core.stats import ReturnStats, summarize_returns
+from compressor.core.threat import ThreatModel
+from compressor.policy.model import Policy
+from compressor.rl.rollout import Actor, RolloutResult, rollout
 
 
 @dataclass
@@ -154,7 +154,7 @@ def evaluate(
 ) -> tuple[EvalResult, RolloutResult]:
     """Clean evaluation with deterministic actions.
 
-    :param policy: the policy (or any :class:`~compressor.rollout.Actor`).
+    :param policy: the policy (or any :class:`~compressor.rl.rollout.Actor`).
     :param env_id: gymnasium id. :param env_kwargs: kwargs for ``gymnasium.make``.
     :param seeds: one reset seed per episode.
     :param num_envs: parallel sub-envs.
@@ -296,7 +296,7 @@ def random_action_return(
     env_id: str, env_kwargs: dict, seeds: list[int], num_envs: int = 16
 ) -> float:
     """Mean return of uniformly random actions on ``seeds`` (the budget's scale floor)."""
-    from compressor.rollout import RandomActor
+    from compressor.rl.rollout import RandomActor
 
     res = rollout(
         RandomActor(env_id, env_kwargs, seed=0), env_id, env_kwargs, seeds, num_envs=num_envs

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.policy import Policy, PolicySpec
+from compressor.policy.model import Policy, PolicySpec
 
 # tiny networks: extra threads only oversubscribe the 2 cores CI has
 torch.set_num_threads(1)

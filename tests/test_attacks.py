@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from compressor.attacks import AttackContext, make_attack
-from compressor.attacks.pgd import pgd
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
+from compressor.core.pgd import pgd
+from compressor.core.threat import ThreatModel, ball_norm
 from compressor.evaluate import evaluate_attack
-from compressor.policy import load_native
-from compressor.threat import ThreatModel, ball_norm
+from compressor.policy.model import load_native
 from conftest import REPO, make_policy
 
 

@@ -13,11 +13,11 @@ import torch
 from compressor.attacks import ATTACKS, AttackBudget, AttackContext, make_attack
 from compressor.attacks.learned import pa_ad_perturb
 from compressor.attacks.rs import robust_q, soft_action
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
+from compressor.core.threat import ThreatModel, ball_norm
 from compressor.evaluate import evaluate, evaluate_attack
-from compressor.loading import ValueNet, load_policy
-from compressor.rollout import rollout
-from compressor.threat import ThreatModel, ball_norm
+from compressor.policy.loading import ValueNet, load_policy
+from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 
 TINY = AttackBudget(

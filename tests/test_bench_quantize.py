@@ -12,21 +12,21 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compressor.bench import bench_model, model_cost, structured_prune
-from compressor.certify import certify_global
-from compressor.config import Target, load_target
-from compressor.errors import CompressorError
-from compressor.export import export_onnx, load_onnx_session, onnx_act, read_metadata
-from compressor.policy import Policy, load_native
-from compressor.quantize import (
+from compressor.certify.global_bound import certify_global
+from compressor.core.config import Target, load_target
+from compressor.core.errors import CompressorError
+from compressor.core.threat import ThreatModel
+from compressor.deploy.bench import bench_model, model_cost, structured_prune
+from compressor.deploy.export import export_onnx, load_onnx_session, onnx_act, read_metadata
+from compressor.deploy.quantize import (
     OnnxActor,
     dequantized_policy,
     evaluate_onnx,
     quantize_model,
     read_quantized,
 )
-from compressor.rollout import rollout
-from compressor.threat import ThreatModel
+from compressor.policy.model import Policy, load_native
+from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 
 THREAT = ThreatModel(0.05)

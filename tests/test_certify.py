@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressor.certify import (
+from compressor.certify.global_bound import (
     certify_global,
     empirical_search,
     empirical_tv,
@@ -20,9 +20,9 @@ from compressor.certify import (
     shift_for_tv,
     tv_from_shift,
 )
-from compressor.errors import CompressorError
-from compressor.policy import Policy, PolicySpec
-from compressor.threat import ThreatModel, sample_ball
+from compressor.core.errors import CompressorError
+from compressor.core.threat import ThreatModel, sample_ball
+from compressor.policy.model import Policy, PolicySpec
 from conftest import make_policy
 
 HEADS = ["gaussian", "categorical", "squashed_gaussian", "deterministic"]

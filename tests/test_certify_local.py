@@ -11,11 +11,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_certify import HEADS, random_states, sampled_shift
 
-from compressor.attacks.pgd import pgd
-from compressor.certify import certify_global, empirical_search
-from compressor.certify_local import _act, _relax, certify_local, output_bounds
-from compressor.errors import CompressorError
-from compressor.threat import ThreatModel, sample_ball
+from compressor.certify.global_bound import certify_global, empirical_search
+from compressor.certify.local import _act, _relax, certify_local, output_bounds
+from compressor.core.errors import CompressorError
+from compressor.core.pgd import pgd
+from compressor.core.threat import ThreatModel, sample_ball
 from conftest import make_policy
 
 TOL_REL, TOL_ABS = 1e-4, 1e-5  # float32 policy vs float64 bounds

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from compressor.policy import load_native
+from compressor.policy.model import load_native
 from conftest import REPO, make_policy
 
 CARTPOLE = str(REPO / "profiles" / "cartpole.pt")
@@ -71,7 +71,7 @@ def test_corrupted_weights_are_rejected(tmp_path: Path) -> None:
     pol = make_policy()
     with torch.no_grad():
         pol.layers[0].weight[0, 0] = float("nan")
-    from compressor.policy import save_policy
+    from compressor.policy.model import save_policy
 
     save_policy(pol, tmp_path / "nan.pt")
     r = compress("inspect", str(tmp_path / "nan.pt"))
@@ -198,8 +198,8 @@ def test_batch_run_over_a_folder_keeps_going_and_summarises(tmp_path: Path) -> N
 
 
 def test_batch_names_and_errors(tmp_path: Path) -> None:
-    from compressor.batch import run_names
-    from compressor.errors import CompressorError
+    from compressor.core.errors import CompressorError
+    from compressor.run.batch import run_names
 
     paths = [Path("x/sb3-hopper/model.zip"), Path("y/sb3-walker/model.zip"), Path("z/own.pt")]
     assert run_names(paths) == ["sb3-hopper-model", "sb3-walker-model", "own"]

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
+from compressor.core.executor import LocalExecutor, SerialExecutor, make_executor
+from compressor.core.threat import ThreatModel
 from compressor.evaluate import evaluate_suite
-from compressor.executor import LocalExecutor, SerialExecutor, make_executor
-from compressor.loading import load_policy
-from compressor.threat import ThreatModel
+from compressor.policy.loading import load_policy
 from conftest import REPO
 
 
@@ -152,7 +152,7 @@ def _report_numbers(report: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def serial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from compressor.pipeline import run_pipeline
+    from compressor.run.pipeline import run_pipeline
 
     tmp = tmp_path_factory.mktemp("serial")
     prof = tmp / "tiny.toml"
@@ -164,7 +164,7 @@ def serial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 def _parallel_run(prof: Path, tmp: Path, ex: Any) -> dict[str, Any]:
-    from compressor.pipeline import run_pipeline
+    from compressor.run.pipeline import run_pipeline
 
     try:
         res = run_pipeline(
@@ -188,7 +188,7 @@ def test_run_on_two_local_workers_gives_the_serial_report(
     stages = {s["stage"]: s for s in perf["stages"]}
     assert stages["search"]["env_steps"] > 0 and stages["search"]["env_steps_per_s"] > 0
     assert abs(sum(s["share"] for s in perf["stages"]) - 1) < 0.05
-    from compressor.report import validate
+    from compressor.report.build import validate
 
     assert validate(par) == []
     md = (tmp_path / "cartpole" / "report.md").read_text()

@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
-from compressor import export as export_mod
-from compressor.compact import compact_layers
-from compressor.errors import CompressorError
-from compressor.export import (
+from compressor.core.errors import CompressorError
+from compressor.deploy import export as export_mod
+from compressor.deploy.compact import compact_layers
+from compressor.deploy.export import (
     ExportResult,
     export_onnx,
     graph_layer_shapes,
@@ -23,7 +23,7 @@ from compressor.export import (
     onnx_act,
     read_metadata,
 )
-from compressor.policy import Policy, PolicySpec
+from compressor.policy.model import Policy, PolicySpec
 from conftest import make_policy
 
 HEADS = ("gaussian", "categorical", "squashed_gaussian", "deterministic")
@@ -393,8 +393,8 @@ def test_nan_weights_rejected(tmp_path: Path) -> None:
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("opset", [13, 17])
 def test_sparse_storage_is_smaller_and_exact(tmp_path: Path, head: str, opset: int) -> None:
-    from compressor.export import decode_sparse_weight, sparse_saves_bytes
-    from compressor.quantize import read_quantized
+    from compressor.deploy.export import decode_sparse_weight, sparse_saves_bytes
+    from compressor.deploy.quantize import read_quantized
 
     pol = make_policy(head, hidden=(64, 64), obs_dim=32, act_dim=8, seed=3)
     g = torch.Generator().manual_seed(0)  # scattered zeros: compaction removes nothing

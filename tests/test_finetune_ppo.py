@@ -11,22 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.certify import certify_global
-from compressor.config import load_profile
-from compressor.errors import CompressorError
-from compressor.finetune import (
+from compressor.certify.global_bound import certify_global
+from compressor.core.config import load_profile
+from compressor.core.errors import CompressorError
+from compressor.core.threat import ThreatModel
+from compressor.finetune.distill import (
     FinetuneConfig,
     finetune_candidate,
     finetune_total_steps,
     smoothness_penalty,
 )
-from compressor.finetune_ppo import learn_critic, ppo_finetune, ppo_total_steps
-from compressor.loading import LoadedPolicy, ValueNet, load_policy
-from compressor.policy import Policy
-from compressor.prune import prune
-from compressor.rollout import rollout
-from compressor.threat import ThreatModel
-from compressor.train import RolloutStream, gae_batch, init_critic
+from compressor.finetune.ppo import learn_critic, ppo_finetune, ppo_total_steps
+from compressor.policy.loading import LoadedPolicy, ValueNet, load_policy
+from compressor.policy.model import Policy
+from compressor.prune.criteria import prune
+from compressor.rl.ppo import RolloutStream, gae_batch, init_critic
+from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 
 CARTPOLE = "CartPole-v1"
@@ -250,8 +250,8 @@ def test_a_deterministic_head_is_refused() -> None:
 def test_compress_run_fine_tunes_with_ppo_from_the_files_critic(tmp_path: Path) -> None:
     """`[finetune] method = "distill+ppo"` through the whole pipeline: the chosen candidate's
     fine-tuning record says PPO ran from the file's critic, and the mask held."""
-    from compressor.pipeline import run_pipeline
-    from compressor.policy import load_native
+    from compressor.policy.model import load_native
+    from compressor.run.pipeline import run_pipeline
 
     prof = tmp_path / "ppo.toml"
     prof.write_text(

@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from test_importers import _sb3_data, _sb3_state, _torch_bytes
 from test_safe_pickle import _FAKE_MODULES, _vecnormalize_bytes
 
-from compressor.config import load_profile, load_target
-from compressor.errors import CompressorError
-from compressor.importers import load_norm_stats
-from compressor.importers.safe_pickle import safe_loads
-from compressor.loading import ValueNet, load_policy
-from compressor.policy import policy_to_dict
+from compressor.core.config import load_profile, load_target
+from compressor.core.errors import CompressorError
+from compressor.policy.importers.common import load_norm_stats
+from compressor.policy.importers.safe_pickle import safe_loads
+from compressor.policy.loading import ValueNet, load_policy
+from compressor.policy.model import policy_to_dict
 from conftest import REPO, make_policy
 
 SCALE = int(os.environ.get("COMPRESSOR_FUZZ_SCALE", "1"))

@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
-from compressor.importers import resolve_env_id
-from compressor.loading import LoadedPolicy, ValueNet, describe, load_policy, save_loaded
-from compressor.policy import policy_to_dict
-from compressor.rollout import rollout
+from compressor.core.errors import CompressorError
+from compressor.policy.importers.common import resolve_env_id
+from compressor.policy.loading import LoadedPolicy, ValueNet, describe, load_policy, save_loaded
+from compressor.policy.model import policy_to_dict
+from compressor.rl.rollout import rollout
 from conftest import make_policy
 
 
@@ -389,7 +389,7 @@ def test_cleanrl_discrete_needs_env(tmp_path: Path) -> None:
 
 
 def test_critic_written_by_trainer_loads(tmp_path: Path) -> None:
-    from compressor.train import PPOConfig, _mlp, save_trained
+    from compressor.rl.ppo import PPOConfig, _mlp, save_trained
 
     policy = make_policy(head="categorical", obs_dim=4, env_id="CartPole-v1")
     critic = _mlp([4, 16, 16, 1], nn.Tanh, 1.0)

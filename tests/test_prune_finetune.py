@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.certify import certify_global
-from compressor.errors import CompressorError
-from compressor.finetune import FinetuneConfig, distill
-from compressor.policy import load_native, save_policy
-from compressor.prune import prune
-from compressor.threat import ThreatModel
+from compressor.certify.global_bound import certify_global
+from compressor.core.errors import CompressorError
+from compressor.core.threat import ThreatModel
+from compressor.finetune.distill import FinetuneConfig, distill
+from compressor.policy.model import load_native, save_policy
+from compressor.prune.criteria import prune
 from conftest import make_policy
 
 

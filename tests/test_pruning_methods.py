@@ -10,20 +10,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compressor.attacks.pgd import pgd
-from compressor.certify import certify_global
-from compressor.config import load_profile
-from compressor.errors import CompressorError
+from compressor.certify.global_bound import certify_global
+from compressor.core.config import load_profile
+from compressor.core.errors import CompressorError
+from compressor.core.pgd import pgd
+from compressor.core.stats import summarize_returns
+from compressor.core.threat import ThreatModel
+from compressor.deploy.export import export_onnx
 from compressor.evaluate import EvalResult, SuiteResult
-from compressor.export import export_onnx
-from compressor.finetune import FinetuneConfig, distill
-from compressor.frontier import best_known, frontier_analysis, regret_terms
-from compressor.policy import Policy, load_native, save_policy
-from compressor.prune import PRUNE_METHODS, neuron_scores, prune
-from compressor.schedule import MicroSchedule, cubic_sparsity, micro_prune, prune_and_finetune
-from compressor.search import Budget, Candidate, search_sparsity
-from compressor.stats import summarize_returns
-from compressor.threat import ThreatModel
+from compressor.finetune.distill import FinetuneConfig, distill
+from compressor.policy.model import Policy, load_native, save_policy
+from compressor.prune.criteria import PRUNE_METHODS, neuron_scores, prune
+from compressor.prune.schedule import MicroSchedule, cubic_sparsity, micro_prune, prune_and_finetune
+from compressor.report.frontier import best_known, frontier_analysis, regret_terms
+from compressor.search.sparsity import Budget, Candidate, search_sparsity
 from conftest import make_policy
 
 THREAT = ThreatModel(0.1)
@@ -282,7 +282,7 @@ def test_regret_terms_sum_to_the_total() -> None:
 
 
 def test_prune_method_override_is_checked_before_any_work(tmp_path: Path) -> None:
-    from compressor.pipeline import run_pipeline
+    from compressor.run.pipeline import run_pipeline
 
     repo = Path(__file__).resolve().parents[1]
     with pytest.raises(CompressorError, match="--prune-method"):
@@ -291,7 +291,7 @@ def test_prune_method_override_is_checked_before_any_work(tmp_path: Path) -> Non
 
 
 def test_shipped_acrobot_reference_policy_matches_its_profile() -> None:
-    from compressor.config import profile_policy_path
+    from compressor.core.config import profile_policy_path
 
     prof = load_profile("acrobot")
     path = profile_policy_path(prof)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from compressor.pipeline import run_pipeline
-from compressor.report import SCHEMA_VERSION, complete, load_report, schema, validate
+from compressor.report.build import SCHEMA_VERSION, complete, load_report, schema, validate
+from compressor.run.pipeline import run_pipeline
 from conftest import REPO
 
 CARTPOLE = REPO / "profiles" / "cartpole.pt"

@@ -1,9 +1,9 @@
 """The report's ``frontier_analysis`` block (schema v3): the schema describes exactly what
-:func:`compressor.frontier.frontier_analysis` emits, and report.md / report.html show it in their
-own section.
+:func:`compressor.report.frontier.frontier_analysis` emits, and report.md / report.html show it
+in their own section.
 
-The report is built by :func:`compressor.report.build_report` from a tiny CartPole-shaped policy,
-its pruned copies and synthetic evaluation results: no environment is run.
+The report is built by :func:`compressor.report.build.build_report` from a tiny CartPole-shaped
+policy, its pruned copies and synthetic evaluation results: no environment is run.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 from test_report import _unexplained
 
-from compressor.certify import certify_global
-from compressor.config import load_profile, load_target
+from compressor.certify.global_bound import certify_global
+from compressor.core.config import load_profile, load_target
+from compressor.core.stats import summarize_returns
+from compressor.core.threat import ThreatModel
+from compressor.deploy.export import ExportResult
 from compressor.evaluate import EvalResult, SuiteResult
-from compressor.export import ExportResult
-from compressor.frontier import frontier_analysis
-from compressor.loading import LoadedPolicy
-from compressor.prune import prune
-from compressor.report import (
+from compressor.policy.loading import LoadedPolicy
+from compressor.prune.criteria import prune
+from compressor.report.build import (
     SCHEMA_VERSION,
     build_report,
     load_report,
@@ -31,10 +32,9 @@ from compressor.report import (
     validate,
     write_report,
 )
-from compressor.report_render import render_html, render_markdown
-from compressor.search import Budget, Candidate, SearchResult
-from compressor.stats import summarize_returns
-from compressor.threat import ThreatModel
+from compressor.report.frontier import frontier_analysis
+from compressor.report.render import render_html, render_markdown
+from compressor.search.sparsity import Budget, Candidate, SearchResult
 from conftest import make_policy
 
 THREAT = ThreatModel(0.1)
@@ -200,8 +200,8 @@ def _dense_with_spread(returns: list[float]) -> dict[str, object]:
 
 
 def test_resolution_says_when_the_episodes_cannot_resolve_the_budget() -> None:
-    from compressor.report import resolution
-    from compressor.report_render import noise_warning
+    from compressor.report.build import resolution
+    from compressor.report.render import noise_warning
 
     rng = np.random.default_rng(0)
     budget = {"budget": 0.05, "scale": 1000.0}  # allowed loss 50

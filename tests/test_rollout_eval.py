@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from compressor.core.stats import summarize_returns
+from compressor.core.threat import ThreatModel
 from compressor.evaluate import evaluate, evaluate_attack, random_action_return
-from compressor.policy import load_native
-from compressor.rollout import rollout
-from compressor.stats import summarize_returns
-from compressor.threat import ThreatModel
+from compressor.policy.model import load_native
+from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 
 
@@ -73,7 +73,7 @@ def test_attacked_evaluation_reports_tv() -> None:
 def test_frozen_policy_gives_the_same_numbers_and_gradients() -> None:
     """Rollouts freeze the policy (W ⊙ M computed once): outputs and input gradients are
     bit-identical, no gradient reaches the weights, and training works again afterwards."""
-    from compressor.prune import prune
+    from compressor.prune.criteria import prune
 
     pol = prune(make_policy(obs_dim=5, act_dim=2), 0.5)
     x = torch.randn(7, 5, requires_grad=True)

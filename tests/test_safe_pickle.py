@@ -15,10 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.errors import CompressorError
-from compressor.importers import load_norm_stats
-from compressor.importers.safe_pickle import load_vecnormalize, referenced_globals, safe_loads
-from compressor.loading import load_policy
+from compressor.core.errors import CompressorError
+from compressor.policy.importers.common import load_norm_stats
+from compressor.policy.importers.safe_pickle import (
+    load_vecnormalize,
+    referenced_globals,
+    safe_loads,
+)
+from compressor.policy.loading import load_policy
 
 
 class _WriteFile:
@@ -255,8 +259,8 @@ def test_payloads_through_cli_inspect_are_one_line_exit_3(
 
 def test_env_id_naming_a_module_is_refused(tmp_path: Path) -> None:
     """gymnasium would import ``module`` for ``module:Env``: a file may not choose that."""
-    from compressor.loading import load_policy
-    from compressor.policy import save_policy
+    from compressor.policy.loading import load_policy
+    from compressor.policy.model import save_policy
     from conftest import make_policy
 
     pol = make_policy("categorical", obs_dim=4, act_dim=2, env_id="CartPole-v1")

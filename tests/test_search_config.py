@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.certify import certify_global
-from compressor.config import list_shipped, load_profile, load_target, profile_for_env
-from compressor.errors import CompressorError
+from compressor.certify.global_bound import certify_global
+from compressor.core.config import list_shipped, load_profile, load_target, profile_for_env
+from compressor.core.errors import CompressorError
+from compressor.core.stats import summarize_returns
+from compressor.core.threat import ThreatModel
 from compressor.evaluate import EvalResult, SuiteResult
-from compressor.search import Budget, Candidate, search_sparsity
-from compressor.stats import summarize_returns
-from compressor.threat import ThreatModel
+from compressor.search.sparsity import Budget, Candidate, search_sparsity
 from conftest import make_policy
 
 CERT = certify_global(make_policy(), ThreatModel(0.1))
@@ -174,9 +174,9 @@ def test_unknown_profile_and_target_names(tmp_path: Path) -> None:
 def test_every_shipped_profile_has_its_reference_policy(name: str) -> None:
     """Each shipped profile's reference policy is there, is for its env, fits the env's
     spaces, and carries the critic that the critic attack and PPO fine-tuning use."""
-    from compressor.config import profile_policy_path
-    from compressor.envs import check_policy_fits_env
-    from compressor.loading import load_policy
+    from compressor.core.config import profile_policy_path
+    from compressor.policy.loading import load_policy
+    from compressor.rl.envs import check_policy_fits_env
 
     prof = load_profile(name)
     path = profile_policy_path(prof)

@@ -10,7 +10,7 @@ from compressor.attacks.learned import PAADAttack, SARLAttack
 from compressor.attacks.mad import MADAttack
 from compressor.attacks.random import RandomAttack
 from compressor.attacks.rs import MadRsAttack, RobustSarsaAttack
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 ATTACKS: dict[str, Callable[[AttackContext], Attack]] = {
     "random": RandomAttack,

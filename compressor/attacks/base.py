@@ -9,9 +9,9 @@ from typing import Any, Protocol
 
 import torch
 
-from compressor.config import AttackBudget
-from compressor.policy import Policy
-from compressor.threat import ThreatModel
+from compressor.core.config import AttackBudget
+from compressor.core.threat import ThreatModel
+from compressor.policy.model import Policy
 
 #: A state-value function on the policy's *normalised* observation (``ValueNet``).
 Critic = Callable[[torch.Tensor], torch.Tensor]
@@ -69,7 +69,7 @@ class AttackContext:
         """The environment to train in: ``env_id`` or the one the policy records."""
         env_id = self.env_id or self.policy.spec.env_id
         if not env_id:
-            from compressor.errors import CompressorError
+            from compressor.core.errors import CompressorError
 
             raise CompressorError("this attack trains in the environment; pass --env ENV_ID")
         return env_id, dict(self.env_kwargs or self.policy.spec.env_kwargs)

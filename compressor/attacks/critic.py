@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from compressor.attacks.base import AttackContext
-from compressor.attacks.pgd import pgd
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
+from compressor.core.pgd import pgd
 
 
 class CriticAttack:

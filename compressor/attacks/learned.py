@@ -12,7 +12,7 @@ categorical heads) furthest along ``d``.
 
 Both wrap the victim's environment (:class:`ObservationAdversaryEnv`, and its batched
 :class:`ObservationAdversaryVecEnv`, registered with gymnasium) so
-:func:`compressor.train.train_ppo` trains them unchanged. Their weights are saved
+:func:`compressor.rl.ppo.train_ppo` trains them unchanged. Their weights are saved
 (``<save_dir>/<name>.pt``, native policy format plus the critic) and a later run can start
 from them (the dense policy's adversary, when attacking a pruned candidate).
 """
@@ -27,12 +27,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from compressor import atomic
 from compressor.attacks.base import AttackContext
-from compressor.attacks.pgd import pgd
-from compressor.errors import CompressorError
-from compressor.policy import Policy, policy_from_dict, policy_to_dict
-from compressor.threat import ThreatModel, project
+from compressor.core import atomic
+from compressor.core.errors import CompressorError
+from compressor.core.pgd import pgd
+from compressor.core.threat import ThreatModel, project
+from compressor.policy.model import Policy, policy_from_dict, policy_to_dict
 
 ADVERSARY_ENV = "compressor/ObservationAdversary-v0"
 #: Bound of the agent's pre-tanh action (tanh(4) ≈ 0.9993: the ball's surface is reachable).
@@ -143,7 +143,7 @@ def perturb_with(
 class ObservationAdversaryVecEnv(gym.vector.VectorEnv):  # type: ignore[type-arg]
     """``num_envs`` adversary envs stepped together: the victim (and PA-AD's PGD actor) runs
     once per step on the whole batch, not once per sub-env. Auto-resets in the same step, as
-    :func:`compressor.train.train_ppo` expects. Arguments as :class:`ObservationAdversaryEnv`.
+    :func:`compressor.rl.ppo.train_ppo` expects. Arguments as :class:`ObservationAdversaryEnv`.
     """
 
     def __init__(
@@ -223,7 +223,7 @@ def train_adversary(ctx: AttackContext, mode: str) -> tuple[Policy, dict[str, An
     """
     if mode in ctx.shared:
         return ctx.shared[mode]  # type: ignore[no-any-return]
-    from compressor.train import PPOConfig, train_ppo
+    from compressor.rl.ppo import PPOConfig, train_ppo
 
     env_id, env_kwargs = ctx.env()
     b = ctx.budget

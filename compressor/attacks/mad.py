@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from compressor.attacks.base import AttackContext
-from compressor.attacks.pgd import max_divergence_point
+from compressor.core.pgd import max_divergence_point
 
 
 class MADAttack:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from compressor.attacks.base import AttackContext
-from compressor.threat import sample_ball
+from compressor.core.threat import sample_ball
 
 
 class RandomAttack:

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import atomic
 from compressor.attacks.base import AttackContext
-from compressor.attacks.pgd import pgd, pgd_in_ball
-from compressor.errors import CompressorError
-from compressor.policy import Policy
+from compressor.core import atomic
+from compressor.core.errors import CompressorError
+from compressor.core.pgd import pgd, pgd_in_ball
+from compressor.policy.model import Policy
 
 #: Scan episodes start here, apart from any profile's evaluation and state seeds.
 SCAN_SEED = 50_000
@@ -97,7 +97,7 @@ def collect_transitions(ctx: AttackContext, episodes: int) -> dict[str, torch.Te
 
     :returns: ``obs, act, rew, next_obs, term, last`` (``last``: final step of its episode).
     """
-    from compressor.rollout import rollout
+    from compressor.rl.rollout import rollout
 
     env_id, env_kwargs = ctx.env()
     rows: list[tuple[np.ndarray, ...]] = []

@@ -1,0 +1,5 @@
+"""``python -m compressor.cli``."""
+
+from compressor.cli.app import main
+
+main()

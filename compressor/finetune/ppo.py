@@ -1,0 +1,250 @@
+"""PPO fine-tuning of a pruned policy with its masks fixed (the env's reward, not the teacher's).
+
+Distillation can only bring the pruned policy back towards the dense one; PPO optimises the
+return itself, so it can also repair what imitation cannot. It continues ``compress train``'s
+PPO (:mod:`compressor.rl.ppo`: the same rollouts, GAE and clipped-surrogate update) on the
+student, with three differences:
+
+- the masks stay fixed: the policy computes with ``W ⊙ M``, and after every optimiser step the
+  pruned weights are zeroed again (:func:`~compressor.finetune.distill.constrain_`), so they are
+  exactly zero even when Adam's momentum would move them (weights micro-pruning cuts mid-way);
+  biases are not pruned;
+- the observation normalisation is frozen (it is a buffer, never updated here), so the exported
+  policy normalises exactly as the dense one does and ε means the same thing for both;
+- SA-PPO's smoothness regulariser (``cfg.smoothness_weight``, the one in
+  :func:`~compressor.finetune.distill.smoothness_penalty`) is added to the loss, when a threat
+  is given.
+
+The value function starts from (a copy of) the critic saved with the dense policy. A file
+without one gets a fresh critic, fitted first by a value-only phase on the dense policy's
+rollouts (whose states the student will visit at first; Monte-Carlo targets, scaled rewards),
+so PPO's first advantages are not noise. The Gaussian ``log_std`` is trained, as
+``compress train`` does (``preserve_certificate`` keeps it at or above the dense one).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.core.errors import CompressorError
+from compressor.core.threat import ThreatModel
+from compressor.finetune.distill import (
+    FinetuneConfig,
+    FinetuneStats,
+    constrain_,
+    smoothness_penalty,
+)
+from compressor.policy.loading import ValueNet
+from compressor.policy.model import Policy
+from compressor.rl.ppo import PPOConfig, RolloutStream, gae_batch, init_critic, ppo_update
+
+#: heads PPO can fine-tune (a state-independent Gaussian or a categorical distribution)
+PPO_HEADS = ("gaussian", "categorical")
+
+
+def ppo_config(cfg: FinetuneConfig) -> PPOConfig:
+    """The PPO update's knobs from ``cfg`` (those it has no field for keep ``compress train``'s
+    defaults; the env and step-count fields of the result are unused)."""
+    return PPOConfig(
+        lr=cfg.ppo_lr,
+        gamma=cfg.ppo_gamma,
+        gae_lambda=cfg.ppo_gae_lambda,
+        minibatches=cfg.ppo_minibatches,
+        epochs=cfg.ppo_epochs,
+        clip_coef=cfg.ppo_clip_coef,
+        ent_coef=cfg.ppo_ent_coef,
+        norm_reward=cfg.ppo_norm_reward,
+    )
+
+
+def _updates(env_steps: int, cfg: FinetuneConfig) -> int:
+    return max(1, env_steps // (cfg.ppo_num_envs * cfg.ppo_num_steps))
+
+
+def ppo_total_steps(cfg: FinetuneConfig) -> int:
+    """Optimiser steps :func:`ppo_finetune` runs on the student (the ``on_step`` calls)."""
+    return _updates(cfg.ppo_steps, cfg) * cfg.ppo_epochs * cfg.ppo_minibatches
+
+
+def ppo_finetune(
+    policy: Policy,
+    dense: Policy,
+    critic: ValueNet | None,
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    threat: ThreatModel | None,
+    cfg: FinetuneConfig,
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+    *,
+    states: np.ndarray | None = None,
+    step_offset: int = 0,
+) -> FinetuneStats:
+    """Continue PPO on the pruned ``policy`` in place, its masks and normalisation fixed.
+
+    :param policy: the pruned policy (its masks are kept; ``obs_mean``/``obs_var`` untouched).
+    :param dense: the dense policy (unchanged): the projection bounds of
+        ``cfg.preserve_certificate``, the critic phase's actor, and the divergence reference.
+    :param critic: the value function loaded with the dense policy (copied, not changed), or
+        None: a critic is learned first for ``cfg.ppo_critic_steps`` env steps.
+    :param env_id: gymnasium id. :param env_kwargs: its kwargs.
+    :param threat: the ε-ball of the smoothness regulariser (None: no regulariser).
+    :param cfg: the settings (``ppo_*``, ``smoothness_weight``, ``adversarial_steps`` as PGD
+        steps, ``preserve_certificate``).
+    :param seed: seed of the envs, action sampling, minibatches and PGD starts; the caller's
+        global torch RNG is left as it was.
+    :param on_step: called with the global step index before every optimiser step of the
+        student (micro-pruning cuts there). :param step_offset: global index of step 0.
+    :param states: raw observations on which the divergence from ``dense`` is measured before
+        and after (``loss_start``/``loss_end``); default: those of the first rollout.
+    :raises CompressorError: a head PPO cannot train (deterministic or squashed Gaussian).
+    """
+    if policy.spec.head not in PPO_HEADS:
+        raise CompressorError(
+            f"PPO fine-tuning needs a {' or '.join(PPO_HEADS)} head, this policy's is "
+            f'{policy.spec.head!r}: use finetune.method = "distill"'
+        )
+    t0 = time.perf_counter()
+    pcfg = ppo_config(cfg)
+    gaussian = policy.spec.head == "gaussian"
+    bounds = [w.detach().abs().clone() for w in dense.effective_weights()]
+    floor = dense.log_std.detach().clone() if gaussian else None
+    scale = threat.scale(dense) if threat is not None else None
+    with torch.random.fork_rng(devices=[]):  # seeded sampling without touching the caller's RNG
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        g = torch.Generator().manual_seed(seed)
+        # the reward scale a loaded critic was trained in; a learned one is best off scaled
+        norm_reward = cfg.ppo_norm_reward if critic is not None else True
+        stream = RolloutStream(
+            env_id, env_kwargs, cfg.ppo_num_envs, seed, cfg.ppo_gamma, norm_reward
+        )
+        try:
+            if critic is not None:
+                vnet, source = copy.deepcopy(critic), "loaded"
+            else:
+                vnet, source = learn_critic(dense, stream, cfg, rng), "learned"
+            critic_steps = stream.step
+
+            def value(obs: torch.Tensor) -> torch.Tensor:
+                return vnet(policy.normalize(obs))  # the student's stats are the dense one's
+
+            params = list(policy.parameters()) + list(vnet.parameters())
+            opt = torch.optim.Adam(params, lr=cfg.ppo_lr, eps=1e-5)
+            count = [step_offset]
+
+            def before() -> None:
+                if on_step is not None:
+                    on_step(count[0])
+                count[0] += 1
+
+            def after() -> None:
+                if cfg.preserve_certificate:
+                    constrain_(policy, bounds, floor)
+                else:
+                    constrain_(policy, None)
+
+            def regulariser(x: torch.Tensor) -> torch.Tensor:
+                assert threat is not None and scale is not None
+                pen = smoothness_penalty(policy, x, threat, scale, cfg.adversarial_steps, g)
+                return cfg.smoothness_weight * pen
+
+            use_reg = threat is not None and cfg.smoothness_weight > 0
+            updates = _updates(cfg.ppo_steps, cfg)
+            probe: torch.Tensor | None = None
+            if states is not None:
+                pick = torch.randint(0, len(states), (min(4096, len(states)),), generator=g)
+                probe = torch.as_tensor(states, dtype=torch.float32)[pick]
+            loss_start = float("nan")
+            returns_start: list[float] = []
+            policy.train()
+            for u in range(updates):
+                opt.param_groups[0]["lr"] = cfg.ppo_lr * (1.0 - u / updates)
+                ro = stream.collect(policy, value, cfg.ppo_num_steps)
+                if u == 0:
+                    returns_start = ro.returns
+                    if probe is None:
+                        probe = ro.obs.reshape(-1, ro.obs.shape[-1])[:4096]
+                    loss_start = _divergence(policy, dense, probe)
+                b = gae_batch(ro, value, cfg.ppo_gamma, cfg.ppo_gae_lambda)
+                ppo_update(
+                    policy,
+                    value,
+                    opt,
+                    params,
+                    b,
+                    pcfg,
+                    rng,
+                    extra_loss=regulariser if use_reg else None,
+                    before_step=before,
+                    after_step=after,
+                )
+            policy.eval()
+            assert probe is not None
+            loss_end = _divergence(policy, dense, probe)
+            ppo_steps = stream.step - critic_steps
+        finally:
+            stream.close()
+    return FinetuneStats(
+        loss_start=loss_start,
+        loss_end=loss_end,
+        steps=count[0] - step_offset,
+        wall_s=time.perf_counter() - t0,
+        method="ppo",
+        ppo_env_steps=ppo_steps,
+        critic=source,
+        critic_env_steps=critic_steps,
+        train_return_start=_mean(returns_start),
+        train_return_end=_mean(ro.returns),
+    )
+
+
+def learn_critic(
+    dense: Policy, stream: RolloutStream, cfg: FinetuneConfig, rng: np.random.Generator
+) -> ValueNet:
+    """A fresh critic (``compress train``'s architecture and init) fitted by
+    ``cfg.ppo_critic_steps`` env steps of value-only PPO updates on ``dense``'s rollouts.
+
+    :param dense: the policy whose value is learned (unchanged).
+    :param stream: the envs; PPO continues on them, so the reward scale learned here carries on.
+    :param cfg: the settings. :param rng: minibatch shuffling.
+    """
+    spec = dense.spec
+    vnet = ValueNet(spec.obs_dim, spec.hidden, spec.activation)
+    vnet.net.load_state_dict(
+        init_critic(spec.obs_dim, spec.hidden, type(dense.act_fn)).state_dict()
+    )
+
+    def value(obs: torch.Tensor) -> torch.Tensor:
+        return vnet(dense.normalize(obs))
+
+    params = list(vnet.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.ppo_lr, eps=1e-5)
+    pcfg = ppo_config(cfg)
+    for k in range(_updates(cfg.ppo_critic_steps, cfg)):
+        ro = stream.collect(dense, value, cfg.ppo_num_steps)
+        # λ = 1: Monte-Carlo returns, bootstrapped only at the rollout's end, so the targets do
+        # not lean on the critic that is still wrong
+        b = gae_batch(ro, value, cfg.ppo_gamma, 1.0)
+        if k == 0:  # a fresh net predicts ≈ 0, however far from it the returns lie
+            with torch.no_grad():
+                cast(nn.Linear, vnet.net[-1]).bias.add_(b.ret.mean())
+                b = gae_batch(ro, value, cfg.ppo_gamma, 1.0)
+        ppo_update(dense, value, opt, params, b, pcfg, rng, value_only=True)
+    return vnet
+
+
+def _divergence(policy: Policy, dense: Policy, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(policy.divergence(dense(x), policy(x)).mean())
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None

@@ -1,0 +1,319 @@
+"""Importers for third-party policy files, and the pieces they share.
+
+Each importer turns a foreign file into an :class:`ImportResult`: a :class:`Policy`, an optional
+critic in the native ``"critic"`` entry form (see ``compressor.rl.ppo.save_trained``), and the
+warnings a user must see. ``compressor.policy.loading.load_policy`` picks the importer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from compressor.core.errors import CompressorError
+from compressor.policy.importers.safe_pickle import NormStats, load_vecnormalize
+from compressor.policy.model import Policy, PolicySpec, check_finite
+
+__all__ = [
+    "ImportResult",
+    "NormStats",
+    "apply_norm_stats",
+    "build_policy",
+    "critic_entry",
+    "linear_chain",
+    "load_norm_stats",
+    "resolve_env_id",
+    "torch_load_safe",
+]
+
+#: Default normalisation epsilon and clip of gymnasium's NormalizeObservation + CleanRL's clip.
+DEFAULT_EPS = 1e-8
+DEFAULT_CLIP = 10.0
+
+
+@dataclass
+class ImportResult:
+    """What an importer produces.
+
+    :param policy: the policy (weights, normalisation, bounds, spec with env id and source).
+    :param critic: a native critic entry ``{"hidden", "activation", "input", "state_dict"}``
+        (state dict of ``nn.Sequential`` Linear/act/.../Linear), or None.
+    :param warnings: problems the user must see (missing stats, env version mapped, ...).
+    """
+
+    policy: Policy
+    critic: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- torch files ------------------------------------------------------------------------------
+def torch_load_safe(src: bytes | Path, origin: str) -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into one-line errors.
+
+    ``weights_only`` admits tensors and plain containers only, so nothing in the file runs; a
+    global outside that set is named in the error as refused.
+
+    :param src: the file's bytes, or its path.
+    :param origin: file name for error messages.
+    """
+    try:
+        f = io.BytesIO(src) if isinstance(src, bytes) else src
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CompressorError(f"{origin}: file not found") from None
+    except Exception as exc:  # torch raises many types for truncated / foreign / hostile files
+        text = str(exc)
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if m:
+            raise CompressorError(
+                f"refused to load {m.group(1)} from {origin}: torch files may only contain "
+                "tensors and plain containers (nothing was executed; do not use this file if "
+                "you did not make it)"
+            ) from None
+        if "Weights only load failed" in text:
+            # a bare pickle (not torch's zip format): name the code it would have called
+            from compressor.policy.importers.safe_pickle import referenced_globals
+
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            names = sorted({f"{m}.{n}" for m, n in referenced_globals(data)})
+            if names:
+                raise CompressorError(
+                    f"refused to load {origin}: it is a pickle referencing {', '.join(names)}; "
+                    "policy files may only contain tensors and plain containers (nothing was "
+                    "executed; do not use this file if you did not make it)"
+                ) from None
+            last = [ln for ln in text.splitlines() if ln.strip()][-2:-1] or ["unsupported"]
+            msg = f"{origin}: not a loadable torch file ({last[0][:120]})"
+            raise CompressorError(msg) from None
+        detail = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise CompressorError(f"{origin}: truncated or corrupt torch file ({detail})") from None
+
+
+# ---- environments ----------------------------------------------------------------------------
+def _probe_obs_dim(env_id: str, env_kwargs: dict[str, Any]) -> int | None:
+    """Flat observation size if ``env_id`` can be built here, else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices of old versions are noise here
+            env = gym.make(env_id, **env_kwargs)
+    except Exception:  # unregistered, moved (mujoco-py v2/v3), missing dependency, bad kwargs
+        return None
+    try:
+        shape = getattr(env.observation_space, "shape", None)
+        return int(shape[0]) if shape is not None and len(shape) == 1 else -1
+    finally:
+        env.close()
+
+
+def resolve_env_id(
+    env_id: str, env_kwargs: dict[str, Any] | None = None, obs_dim: int | None = None
+) -> tuple[str, str | None]:
+    """Map an env id to one that can be built here, preferring the id itself.
+
+    When ``env_id`` is an old version that this gymnasium cannot build (e.g. ``Hopper-v3``, whose
+    mujoco-py backend is gone), the newest buildable version of the same env whose observation
+    size matches ``obs_dim`` is used instead (``Hopper-v5``), with a warning.
+
+    :param env_id: the id the policy was trained on.
+    :param env_kwargs: keyword arguments for ``gymnasium.make``.
+    :param obs_dim: the policy's observation size, to pick a compatible version.
+    :returns: the id to use, and a warning when it differs from ``env_id``.
+    """
+    kwargs = dict(env_kwargs or {})
+    if _probe_obs_dim(env_id, kwargs) is not None:
+        return env_id, None
+    m = re.fullmatch(r"(.+)-v(\d+)", env_id)
+    versions: list[tuple[int, str]] = []
+    if m:
+        pattern = re.compile(re.escape(m.group(1)) + r"-v(\d+)")
+        for key in gym.registry:
+            km = pattern.fullmatch(key)
+            if km and key != env_id:
+                versions.append((int(km.group(1)), key))
+    fallback = None
+    for _, cand in sorted(versions, reverse=True):
+        cand_dim = _probe_obs_dim(cand, kwargs)
+        if cand_dim is None:
+            continue
+        if obs_dim is None or cand_dim == obs_dim:
+            fallback = cand
+            break
+        fallback = fallback or cand
+    if fallback is None:
+        raise CompressorError(
+            f"environment {env_id!r} cannot be created with this gymnasium install; "
+            "pass an installed environment with --env"
+        )
+    return fallback, (
+        f"{env_id} is not available in this gymnasium; using {fallback} instead "
+        f"(returns on {fallback} are not comparable with {env_id}; pass --env to choose another)"
+    )
+
+
+# ---- normalisation statistics ------------------------------------------------------------------
+def load_norm_stats(path: str | Path) -> NormStats:
+    """Read observation normalisation statistics from a file, without executing anything.
+
+    Accepts an SB3 / RL Zoo ``vecnormalize.pkl`` (restricted unpickler), or, for policies whose
+    trainer did not save its statistics (CleanRL), a ``.npz`` or ``.json`` holding ``mean`` and
+    ``var`` and optionally ``clip`` (default 10) and ``epsilon`` (default 1e-8).
+
+    :param path: the statistics file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CompressorError(f"{p}: normalisation file not found")
+    suffix = p.suffix.lower()
+    if suffix not in (".npz", ".json"):
+        return load_vecnormalize(p)
+    try:
+        if suffix == ".npz":
+            with np.load(p, allow_pickle=False) as npz:
+                raw: dict[str, Any] = {k: npz[k] for k in npz.files}
+        else:
+            raw = json.loads(p.read_text())
+    except Exception as exc:  # zipfile / json / value errors on foreign files
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CompressorError(f"{p}: cannot read normalisation statistics ({detail})") from None
+    if not isinstance(raw, dict) or "mean" not in raw or "var" not in raw:
+        raise CompressorError(f"{p}: normalisation file must hold 'mean' and 'var' arrays")
+    clip = raw.get("clip", raw.get("clip_obs", DEFAULT_CLIP))
+    try:
+        stats = NormStats(
+            mean=np.asarray(raw["mean"], dtype=np.float64),
+            var=np.asarray(raw["var"], dtype=np.float64),
+            clip_obs=None if clip is None else float(clip),
+            epsilon=float(raw.get("epsilon", DEFAULT_EPS)),
+            norm_obs=True,
+            count=float(raw.get("count", 0.0)),
+            source=p.name,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CompressorError(f"{p}: malformed normalisation statistics ({exc})") from None
+    stats.validate(p.name)
+    return stats
+
+
+def apply_norm_stats(policy: Policy, stats: NormStats) -> None:
+    """Install normalisation statistics into a policy (spec and buffers).
+
+    :param policy: the policy, modified in place.
+    :param stats: the statistics; ``norm_obs=False`` disables normalisation and clipping.
+    """
+    spec = policy.spec
+    if not stats.norm_obs:
+        spec.obs_norm, spec.obs_clip = False, None
+        return
+    if stats.mean.shape != (spec.obs_dim,):
+        raise CompressorError(
+            f"{stats.source}: statistics are for {stats.mean.shape[0]} observations but the "
+            f"policy takes {spec.obs_dim}; pass the statistics saved with this policy"
+        )
+    spec.obs_norm, spec.obs_clip, spec.obs_eps = True, stats.clip_obs, stats.epsilon
+    with torch.no_grad():
+        policy.get_buffer("obs_mean").copy_(torch.as_tensor(stats.mean, dtype=torch.float32))
+        policy.get_buffer("obs_var").copy_(torch.as_tensor(stats.var, dtype=torch.float32))
+
+
+# ---- weights -------------------------------------------------------------------------------
+Layer = tuple[torch.Tensor, torch.Tensor]
+
+
+def linear_chain(state: dict[str, Any], prefix: str, origin: str) -> list[Layer]:
+    """The ``(weight, bias)`` pairs of an ``nn.Sequential`` stored under ``prefix`` in index order.
+
+    :param state: a state dict.
+    :param prefix: e.g. ``"mlp_extractor.policy_net."``.
+    :param origin: file name for error messages.
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.weight")
+    idx = sorted(int(m.group(1)) for k in state if (m := pattern.fullmatch(k)))
+    layers = []
+    for i in idx:
+        w, b = state[f"{prefix}{i}.weight"], state.get(f"{prefix}{i}.bias")
+        if not isinstance(b, torch.Tensor) or w.dim() != 2 or b.shape != (w.shape[0],):
+            raise CompressorError(f"{origin}: layer {prefix}{i} is not a Linear layer with bias")
+        layers.append((w, b))
+    return layers
+
+
+def check_chain(layers: list[Layer], in_dim: int, what: str, origin: str) -> None:
+    """Raise unless consecutive Linear layers fit together, starting from ``in_dim`` inputs."""
+    size = in_dim
+    for i, (w, b) in enumerate(layers):
+        if w.dim() != 2 or b.shape != (w.shape[0],):  # e.g. action_net/value_net, read unchecked
+            raise CompressorError(f"{origin}: {what} layer {i} is not a Linear layer with bias")
+        if w.shape[1] != size:
+            raise CompressorError(
+                f"{origin}: {what} layer {i} takes {w.shape[1]} inputs but receives {size} "
+                "(unsupported architecture: only plain MLPs can be imported)"
+            )
+        size = w.shape[0]
+
+
+def build_policy(
+    spec: PolicySpec,
+    layers: list[Layer],
+    origin: str,
+    log_std: torch.Tensor | None = None,
+) -> Policy:
+    """A :class:`Policy` for ``spec`` holding the given layer weights (checked for NaN/inf).
+
+    :param spec: the architecture (``hidden`` must match ``layers``).
+    :param layers: ``(weight, bias)`` of every Linear layer, input first.
+    :param origin: file name for error messages.
+    :param log_std: state-independent log standard deviation (Gaussian heads).
+    """
+    if len(layers) != len(spec.hidden) + 1:
+        raise CompressorError(
+            f"{origin}: {len(layers)} layers do not match the spec's hidden sizes"
+        )
+    # before Policy(spec): a corrupt obs_dim must not size an allocation the weights do not back
+    check_chain(layers, spec.obs_dim, "policy", origin)
+    if [int(w.shape[0]) for w, _ in layers] != [*spec.hidden, spec.act_dim]:
+        raise CompressorError(f"{origin}: layer sizes do not match the spec's hidden sizes")
+    policy = Policy(spec)
+    with torch.no_grad():
+        for i, (w, b) in enumerate(layers):
+            policy.get_parameter(f"layers.{i}.weight").copy_(w.to(torch.float32))
+            policy.get_parameter(f"layers.{i}.bias").copy_(b.to(torch.float32))
+        if hasattr(policy, "log_std"):
+            if log_std is None or log_std.numel() != spec.act_dim:
+                raise CompressorError(f"{origin}: Gaussian policy has no usable log_std")
+            policy.get_parameter("log_std").copy_(log_std.reshape(-1).to(torch.float32))
+    check_finite(policy, origin)
+    return policy
+
+
+def critic_entry(layers: list[Layer], activation: str, obs_dim: int, origin: str) -> dict[str, Any]:
+    """A native critic entry (``nn.Sequential`` state dict keys ``0.weight``, ``2.weight``, ...).
+
+    :param layers: ``(weight, bias)`` of every Linear layer, the last one with one output.
+    :param activation: activation between layers.
+    :param obs_dim: input size (the policy's normalised observation).
+    :param origin: file name for error messages.
+    """
+    check_chain(layers, obs_dim, "value", origin)
+    if not layers or layers[-1][0].shape[0] != 1:
+        raise CompressorError(f"{origin}: value network must end in a single output")
+    state: dict[str, torch.Tensor] = {}
+    for i, (w, b) in enumerate(layers):
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise CompressorError(f"{origin}: value network layer {i} contains NaN or inf values")
+        state[f"{2 * i}.weight"] = w.detach().to(torch.float32).clone()
+        state[f"{2 * i}.bias"] = b.detach().to(torch.float32).clone()
+    return {
+        "hidden": [int(w.shape[0]) for w, _ in layers[:-1]],
+        "activation": activation,
+        "input": "normalized_obs",
+        "state_dict": state,
+    }

@@ -1,0 +1,187 @@
+"""The one batched rollout engine, used by evaluation, attacks, fine-tuning and certification.
+
+Episodes are defined by explicit seeds: episode ``i`` always starts from ``reset(seed=seeds[i])``,
+whichever sub-env runs it, so results do not depend on the number of parallel envs and every
+candidate policy is evaluated on the same episodes (common random numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from compressor.rl.envs import env_dims, make_vector_env
+
+#: Maps a batch of raw observations to the observations the policy sees (an attack).
+ObsTransform = Callable[[torch.Tensor], torch.Tensor]
+#: ``(episode, obs, action, reward, next_obs, terminated)`` of the running episodes, one step.
+StepHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+class Actor(Protocol):
+    """Anything that acts: a :class:`~compressor.policy.model.Policy`, or :class:`RandomActor`."""
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor: ...
+
+    def sample(
+        self, obs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
+
+
+class RandomActor:
+    """Uniformly random actions: the reference floor of the budget's return scale.
+
+    :param env_id: gymnasium id (its action space is read once).
+    :param env_kwargs: kwargs for ``gymnasium.make``.
+    :param seed: seed of the action RNG.
+    """
+
+    def __init__(self, env_id: str, env_kwargs: dict, seed: int = 0) -> None:
+        dims = env_dims(env_id, env_kwargs)
+        self.discrete = bool(dims["discrete"])
+        self.n = int(dims["act_dim"])
+        self.low = torch.tensor(dims["low"] or [0.0], dtype=torch.float32)
+        self.high = torch.tensor(dims["high"] or [0.0], dtype=torch.float32)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Random actions, one per row of ``obs``."""
+        if self.discrete:
+            return torch.randint(0, self.n, (obs.shape[0],), generator=self.gen)
+        u = torch.rand((obs.shape[0], self.n), generator=self.gen)
+        return self.low + u * (self.high - self.low)
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Same as :meth:`act`."""
+        return self.act(obs)
+
+
+@dataclass
+class RolloutResult:
+    """Per-episode outcomes in seed order, plus optionally the states the policy visited.
+
+    :param returns: undiscounted return of each episode.
+    :param lengths: number of steps of each episode.
+    :param seeds: the reset seed of each episode.
+    :param states: visited (true, unperturbed) raw observations, or None.
+    :param steps: total env steps.
+    :param wall_s: wall-clock seconds.
+    """
+
+    returns: np.ndarray
+    lengths: np.ndarray
+    seeds: list[int]
+    states: np.ndarray | None
+    steps: int
+    wall_s: float
+
+
+def rollout(
+    policy: Actor,
+    env_id: str,
+    env_kwargs: dict,
+    seeds: list[int],
+    *,
+    num_envs: int = 16,
+    deterministic: bool = True,
+    perturb: ObsTransform | None = None,
+    record_states: bool = False,
+    max_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    on_episode: Callable[[int], None] | None = None,
+    on_step: StepHook | None = None,
+) -> RolloutResult:
+    """Run one episode per seed with ``policy``, batching the policy across a vector env.
+
+    :param policy: the policy (put in eval mode by the caller if it matters).
+    :param env_id: gymnasium id.
+    :param env_kwargs: kwargs for ``gymnasium.make``.
+    :param seeds: one reset seed per episode.
+    :param num_envs: parallel sub-envs (capped at ``len(seeds)``).
+    :param deterministic: deterministic actions (mean / argmax) instead of sampling.
+    :param perturb: observation attack applied before the policy sees the observation; the
+        environment's dynamics and rewards use the true state (SA-MDP).
+    :param record_states: keep the true observations visited, for distillation / certificates.
+    :param max_steps: truncate each episode after this many steps (None: the env's own limit).
+    :param generator: RNG for stochastic actions.
+    :param on_episode: called with the number of finished episodes after each one.
+    :param on_step: called after every vector step with the transitions of the running
+        episodes (Robust Sarsa learns ``Q^π`` from them).
+    """
+    n_eps = len(seeds)
+    if n_eps == 0:
+        raise ValueError("rollout needs at least one seed")
+    n = min(num_envs, n_eps)
+    envs = make_vector_env(env_id, env_kwargs, n)
+    t0 = time.perf_counter()
+    returns = np.zeros(n_eps)
+    lengths = np.zeros(n_eps, dtype=np.int64)
+    states: list[np.ndarray] = []
+    slot_episode = np.arange(n)  # which episode each slot is running (-1: idle)
+    next_episode = n
+    done_count = 0
+    steps = 0
+    # the policy's weights are only read here (and by attacks on it): compute W ⊙ M once
+    freeze = getattr(policy, "frozen", None)
+    read_only = contextlib.ExitStack()
+    try:
+        if callable(freeze):
+            read_only.enter_context(freeze())
+        obs, _ = envs.reset(seed=[int(s) for s in seeds[:n]])  # type: ignore[arg-type]
+        while done_count < n_eps:
+            active = slot_episode >= 0
+            obs_t = torch.as_tensor(obs, dtype=torch.float32)
+            if record_states:
+                states.append(obs[active].astype(np.float32))
+            seen = obs_t
+            if perturb is not None:  # only the running episodes' observations are attacked
+                seen = obs_t.clone()
+                seen[active] = perturb(obs_t[active])
+            with torch.no_grad():
+                act = policy.act(seen) if deterministic else policy.sample(seen, generator)
+            prev_obs = obs
+            obs, rew, term, trunc, _ = envs.step(act.numpy())
+            steps += int(active.sum())
+            ep = slot_episode[active]
+            returns[ep] += rew[active]
+            lengths[ep] += 1
+            if max_steps is not None:
+                trunc = trunc | (lengths[np.maximum(slot_episode, 0)] >= max_steps)
+            ended = term | trunc
+            finished = ended & active
+            if on_step is not None:
+                a_np = act.numpy()
+                on_step(ep, prev_obs[active], a_np[active], rew[active], obs[active], term[active])
+            if not ended.any():
+                continue
+            reset_seeds: list[int | None] = [None] * n
+            for slot in np.flatnonzero(finished):
+                done_count += 1
+                if on_episode is not None:
+                    on_episode(done_count)
+                if next_episode < n_eps:
+                    slot_episode[slot] = next_episode
+                    reset_seeds[slot] = int(seeds[next_episode])
+                    next_episode += 1
+                else:
+                    slot_episode[slot] = -1
+            # idle slots are reset too (unseeded) so the vector env stays valid; their
+            # episodes are ignored
+            obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": ended})  # type: ignore[arg-type]
+    finally:
+        read_only.close()
+        envs.close()
+    return RolloutResult(
+        returns=returns,
+        lengths=lengths,
+        seeds=[int(s) for s in seeds],
+        states=np.concatenate(states) if record_states and states else None,
+        steps=steps,
+        wall_s=time.perf_counter() - t0,
+    )
