@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.certify.global_bound import certify_global, empirical_search
+from compressor.certify.empirical import empirical_search
+from compressor.certify.global_bound import certify_global
 from compressor.certify.local import certify_local
 from compressor.core.threat import ThreatModel
 from compressor.evaluate import evaluate

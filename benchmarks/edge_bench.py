@@ -36,7 +36,8 @@ from compressor.core.threat import ThreatModel
 from compressor.deploy.bench import bench_model, structured_prune
 from compressor.deploy.export import export_onnx
 from compressor.deploy.quantize import OnnxActor, quantize_model
-from compressor.policy.model import Policy, load_native
+from compressor.policy.model import Policy
+from compressor.policy.native import load_native
 from compressor.prune.criteria import prune
 from compressor.rl.rollout import rollout
 

@@ -10,7 +10,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd
 from compressor.core.threat import ThreatModel, ball_norm
 from compressor.evaluate import evaluate_attack
-from compressor.policy.model import load_native
+from compressor.policy.native import load_native
 from conftest import REPO, make_policy
 
 

@@ -16,7 +16,8 @@ from compressor.attacks.rs import robust_q, soft_action
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel, ball_norm
 from compressor.evaluate import evaluate, evaluate_attack
-from compressor.policy.loading import ValueNet, load_policy
+from compressor.policy.loading import load_policy
+from compressor.policy.value import ValueNet
 from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 

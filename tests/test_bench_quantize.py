@@ -25,7 +25,8 @@ from compressor.deploy.quantize import (
     quantize_model,
     read_quantized,
 )
-from compressor.policy.model import Policy, load_native
+from compressor.policy.model import Policy
+from compressor.policy.native import load_native
 from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 

@@ -11,7 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_certify import HEADS, random_states, sampled_shift
 
-from compressor.certify.global_bound import certify_global, empirical_search
+from compressor.certify.empirical import empirical_search
+from compressor.certify.global_bound import certify_global
 from compressor.certify.local import _act, _relax, certify_local, output_bounds
 from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from compressor.policy.model import load_native
+from compressor.policy.native import load_native
 from conftest import REPO, make_policy
 
 CARTPOLE = str(REPO / "profiles" / "cartpole.pt")
@@ -71,7 +71,7 @@ def test_corrupted_weights_are_rejected(tmp_path: Path) -> None:
     pol = make_policy()
     with torch.no_grad():
         pol.layers[0].weight[0, 0] = float("nan")
-    from compressor.policy.model import save_policy
+    from compressor.policy.native import save_policy
 
     save_policy(pol, tmp_path / "nan.pt")
     r = compress("inspect", str(tmp_path / "nan.pt"))

@@ -22,8 +22,9 @@ from compressor.finetune.distill import (
     smoothness_penalty,
 )
 from compressor.finetune.ppo import learn_critic, ppo_finetune, ppo_total_steps
-from compressor.policy.loading import LoadedPolicy, ValueNet, load_policy
+from compressor.policy.loading import LoadedPolicy, load_policy
 from compressor.policy.model import Policy
+from compressor.policy.value import ValueNet
 from compressor.prune.criteria import prune
 from compressor.rl.ppo import RolloutStream, gae_batch, init_critic
 from compressor.rl.rollout import rollout
@@ -250,7 +251,7 @@ def test_a_deterministic_head_is_refused() -> None:
 def test_compress_run_fine_tunes_with_ppo_from_the_files_critic(tmp_path: Path) -> None:
     """`[finetune] method = "distill+ppo"` through the whole pipeline: the chosen candidate's
     fine-tuning record says PPO ran from the file's critic, and the mask held."""
-    from compressor.policy.model import load_native
+    from compressor.policy.native import load_native
     from compressor.run.pipeline import run_pipeline
 
     prof = tmp_path / "ppo.toml"

@@ -33,8 +33,9 @@ from compressor.core.config import load_profile, load_target
 from compressor.core.errors import CompressorError
 from compressor.policy.importers.common import load_norm_stats
 from compressor.policy.importers.safe_pickle import safe_loads
-from compressor.policy.loading import ValueNet, load_policy
-from compressor.policy.model import policy_to_dict
+from compressor.policy.loading import load_policy
+from compressor.policy.native import policy_to_dict
+from compressor.policy.value import ValueNet
 from conftest import REPO, make_policy
 
 SCALE = int(os.environ.get("COMPRESSOR_FUZZ_SCALE", "1"))

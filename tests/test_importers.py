@@ -20,8 +20,9 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.policy.importers.common import resolve_env_id
-from compressor.policy.loading import LoadedPolicy, ValueNet, describe, load_policy, save_loaded
-from compressor.policy.model import policy_to_dict
+from compressor.policy.loading import LoadedPolicy, describe, load_policy, save_loaded
+from compressor.policy.native import policy_to_dict
+from compressor.policy.value import ValueNet
 from compressor.rl.rollout import rollout
 from conftest import make_policy
 

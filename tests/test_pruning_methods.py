@@ -19,7 +19,8 @@ from compressor.core.threat import ThreatModel
 from compressor.deploy.export import export_onnx
 from compressor.evaluate import EvalResult, SuiteResult
 from compressor.finetune.distill import FinetuneConfig, distill
-from compressor.policy.model import Policy, load_native, save_policy
+from compressor.policy.model import Policy
+from compressor.policy.native import load_native, save_policy
 from compressor.prune.criteria import PRUNE_METHODS, neuron_scores, prune
 from compressor.prune.schedule import MicroSchedule, cubic_sparsity, micro_prune, prune_and_finetune
 from compressor.report.frontier import best_known, frontier_analysis, regret_terms

@@ -8,7 +8,7 @@ import torch
 from compressor.core.stats import summarize_returns
 from compressor.core.threat import ThreatModel
 from compressor.evaluate import evaluate, evaluate_attack, random_action_return
-from compressor.policy.model import load_native
+from compressor.policy.native import load_native
 from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
 

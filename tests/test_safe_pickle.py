@@ -260,7 +260,7 @@ def test_payloads_through_cli_inspect_are_one_line_exit_3(
 def test_env_id_naming_a_module_is_refused(tmp_path: Path) -> None:
     """gymnasium would import ``module`` for ``module:Env``: a file may not choose that."""
     from compressor.policy.loading import load_policy
-    from compressor.policy.model import save_policy
+    from compressor.policy.native import save_policy
     from conftest import make_policy
 
     pol = make_policy("categorical", obs_dim=4, act_dim=2, env_id="CartPole-v1")

@@ -32,7 +32,8 @@ from compressor.core import atomic
 from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd
 from compressor.core.threat import ThreatModel, project
-from compressor.policy.model import Policy, policy_from_dict, policy_to_dict
+from compressor.policy.model import Policy
+from compressor.policy.native import policy_from_dict, policy_to_dict
 
 ADVERSARY_ENV = "compressor/ObservationAdversary-v0"
 #: Bound of the agent's pre-tanh action (tanh(4) ≈ 0.9993: the ball's surface is reachable).

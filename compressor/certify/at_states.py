@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compressor.certify.global_bound import empirical_search
+from compressor.certify.empirical import empirical_search
 from compressor.certify.local import certify_local
 from compressor.core.threat import ThreatModel
 from compressor.policy.model import Policy

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from compressor.certify.empirical import as_states
 from compressor.certify.global_bound import (
     DEFAULT_TAU,
     GAUSSIAN_HEADS,
     abs_product,
-    as_states,
     input_scale,
     output_scale,
     pair_bounds,

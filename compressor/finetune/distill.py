@@ -38,7 +38,7 @@ from compressor.core.threat import ThreatModel, sample_ball
 from compressor.policy.model import Policy
 
 if TYPE_CHECKING:
-    from compressor.policy.loading import ValueNet
+    from compressor.policy.value import ValueNet
 
 
 @dataclass

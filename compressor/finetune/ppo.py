@@ -41,8 +41,8 @@ from compressor.finetune.distill import (
     constrain_,
     smoothness_penalty,
 )
-from compressor.policy.loading import ValueNet
 from compressor.policy.model import Policy
+from compressor.policy.value import ValueNet
 from compressor.rl.ppo import PPOConfig, RolloutStream, gae_batch, init_critic, ppo_update
 
 #: heads PPO can fine-tune (a state-independent Gaussian or a categorical distribution)

@@ -12,24 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import hashlib
 import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
-from compressor.core import atomic
 from compressor.core.errors import CompressorError
-
-FORMAT_TAG = "edge-policy-compressor/policy"
-FORMAT_VERSION = 1
 
 HEADS = ("gaussian", "categorical", "squashed_gaussian", "deterministic")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
@@ -302,68 +294,6 @@ class Policy(nn.Module):
         return copy.deepcopy(self)
 
 
-def tv_from_mahalanobis(delta: float | np.ndarray) -> Any:
-    """``2Φ(Δ/2) - 1 = erf(Δ / (2√2))``: TV between two Gaussians of equal Σ at shift Δ."""
-    return torch.erf(torch.as_tensor(delta, dtype=torch.float64) / (2 * math.sqrt(2))).numpy()
-
-
-# ---- native file format ----------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def policy_to_dict(policy: Policy) -> dict[str, Any]:
-    """The native, ``weights_only``-loadable representation of a policy."""
-    state = {k: v.detach().clone().contiguous() for k, v in policy.state_dict().items()}
-    for k in state:
-        if k.startswith("mask"):  # masks are 0/1: stored as bool (4x smaller), read back as float
-            state[k] = state[k].bool()
-    return {
-        "format": FORMAT_TAG,
-        "version": FORMAT_VERSION,
-        "spec": dataclasses.asdict(policy.spec),
-        "state_dict": state,
-    }
-
-
-def policy_from_dict(obj: Any, origin: str = "policy") -> Policy:
-    """Build a :class:`Policy` from :func:`policy_to_dict` output, validating everything."""
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG:
-        raise CompressorError(f"{origin}: not a native compressor policy (missing format tag)")
-    version = obj.get("version")
-    if not isinstance(version, int) or version != FORMAT_VERSION:  # a corrupt file: any type
-        shown = version if isinstance(version, int) else "(missing or not an integer)"
-        raise CompressorError(
-            f"{origin}: native format version {shown} is not supported "
-            f"(this tool reads version {FORMAT_VERSION})"
-        )
-    if not isinstance(obj.get("spec"), dict):
-        raise CompressorError(f"{origin}: malformed policy spec (not a table)")
-    try:
-        spec = PolicySpec(**obj["spec"])
-        policy = Policy(spec)
-    except TypeError as exc:  # a field name the spec does not have (one line: it is the file's)
-        detail = " ".join(str(exc).split())
-        raise CompressorError(f"{origin}: malformed policy spec ({detail})") from None
-    except CompressorError as exc:  # validate() does not know the file name
-        raise CompressorError(f"{origin}: {exc}") from None
-    state = obj.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise CompressorError(f"{origin}: missing or malformed state_dict")
-    try:
-        policy.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
-        raise CompressorError(f"{origin}: weights do not match the spec ({first})") from None
-    check_finite(policy, origin)
-    return policy
-
-
 def check_finite(policy: Policy, origin: str = "policy") -> None:
     """Raise if any weight, bias or normalisation statistic is NaN or infinite."""
     for name, t in policy.state_dict().items():
@@ -373,22 +303,3 @@ def check_finite(policy: Policy, origin: str = "policy") -> None:
             raise CompressorError(f"{origin}: tensor {name!r} contains NaN or inf values")
     if policy.spec.obs_norm and bool((policy.obs_var < 0).any()):
         raise CompressorError(f"{origin}: normalisation variance is negative")
-
-
-def save_policy(policy: Policy, path: str | Path) -> None:
-    """Atomically save a policy in the native format (loads with ``weights_only=True``)."""
-    payload = policy_to_dict(policy)
-    atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
-
-
-def load_native(path: str | Path) -> Policy:
-    """Load a native ``.pt`` policy without executing any pickled code."""
-    p = Path(path)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CompressorError(f"{p}: file not found") from None
-    except Exception as exc:  # torch raises many types for truncated / foreign files
-        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise CompressorError(f"{p}: cannot read as a native policy file ({msg})") from None
-    return policy_from_dict(obj, str(p))

@@ -129,7 +129,7 @@ def layer_table(policy: Policy) -> list[dict[str, Any]]:
 
 def output_hashes(run_dir: Path) -> dict[str, str | None]:
     """SHA-256 of the run's outputs (None for those that do not exist)."""
-    from compressor.policy.model import sha256_file
+    from compressor.policy.native import sha256_file
 
     return {n: sha256_file(run_dir / n) if (run_dir / n).is_file() else None for n in OUTPUTS}
 
@@ -469,7 +469,7 @@ def complete(r: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 f.setdefault("attack_ci", ci)
     c, pt = r.get("chosen"), run_dir / "policy.pt"
     if c is not None and "layers" not in c and pt.is_file():
-        from compressor.policy.model import load_native
+        from compressor.policy.native import load_native
 
         c["layers"] = layer_table(load_native(pt))
     d = r["dense"]

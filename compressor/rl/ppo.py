@@ -26,7 +26,8 @@ from torch import nn
 
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
-from compressor.policy.model import Policy, PolicySpec, policy_to_dict
+from compressor.policy.model import Policy, PolicySpec
+from compressor.policy.native import policy_to_dict
 from compressor.rl.envs import env_dims
 
 

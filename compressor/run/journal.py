@@ -18,7 +18,7 @@ from typing import Any
 
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
-from compressor.policy.model import load_native, save_policy
+from compressor.policy.native import load_native, save_policy
 from compressor.search.sparsity import Candidate
 
 CONFIG_FILE = "config.json"

@@ -36,8 +36,10 @@ from compressor.finetune.distill import (
     finetune_candidate,
     finetune_total_steps,
 )
-from compressor.policy.loading import LoadedPolicy, ValueNet, load_policy
-from compressor.policy.model import Policy, save_policy
+from compressor.policy.loading import LoadedPolicy, load_policy
+from compressor.policy.model import Policy
+from compressor.policy.native import save_policy
+from compressor.policy.value import ValueNet
 from compressor.prune.schedule import MicroSchedule, prune_and_finetune
 from compressor.report.build import build_report, write_report
 from compressor.report.frontier import frontier_analysis

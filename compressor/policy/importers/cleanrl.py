@@ -26,7 +26,8 @@ from compressor.policy.importers.common import (
     load_norm_stats,
     resolve_env_id,
 )
-from compressor.policy.model import PolicySpec, sha256_file
+from compressor.policy.model import PolicySpec
+from compressor.policy.native import sha256_file
 from compressor.rl.envs import env_dims
 
 FORMAT = "cleanrl"

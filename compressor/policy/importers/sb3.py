@@ -33,7 +33,8 @@ from compressor.policy.importers.common import (
     torch_load_safe,
 )
 from compressor.policy.importers.safe_pickle import referenced_globals
-from compressor.policy.model import PolicySpec, sha256_file
+from compressor.policy.model import PolicySpec
+from compressor.policy.native import sha256_file
 from compressor.rl.envs import env_dims
 
 FORMAT = "sb3-zip"
