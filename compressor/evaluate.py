@@ -16,6 +16,7 @@ import torch
 
 from compressor.attacks import AttackContext, make_attack
 from compressor.core.executor import Executor
+from compressor.core.progress import Progress, no_progress
 from compressor.core.stats import ReturnStats, summarize_returns
 from compressor.core.threat import ThreatModel
 from compressor.policy.model import Policy
@@ -150,7 +151,7 @@ def evaluate(
     *,
     num_envs: int = 16,
     record_states: bool = False,
-    on_episode: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[EvalResult, RolloutResult]:
     """Clean evaluation with deterministic actions.
 
@@ -159,7 +160,7 @@ def evaluate(
     :param seeds: one reset seed per episode.
     :param num_envs: parallel sub-envs.
     :param record_states: also return the visited states.
-    :param on_episode: progress callback (finished episode count).
+    :param progress: told the finished episode count.
     """
     res = rollout(
         policy,
@@ -168,7 +169,7 @@ def evaluate(
         seeds,
         num_envs=num_envs,
         record_states=record_states,
-        on_episode=on_episode,
+        progress=progress,
     )
     stats = summarize_returns(res.returns)
     return EvalResult("clean", stats, None, res.steps, res.wall_s), res
@@ -184,7 +185,7 @@ def evaluate_attack(
     *,
     attack_seed: int = 0,
     num_envs: int = 16,
-    on_episode: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     context: AttackContext | None = None,
 ) -> EvalResult:
     """Evaluation under one attack (deterministic actions, true dynamics and rewards).
@@ -197,11 +198,11 @@ def evaluate_attack(
     """
     ctx = context or AttackContext(policy, threat, attack_seed)
     if not ctx.env_id:
-        ctx.env_id, ctx.env_kwargs = env_id, dict(env_kwargs)
+        ctx = dataclasses.replace(ctx, env_id=env_id, env_kwargs=dict(env_kwargs))
     attack = make_attack(attack_name, ctx)
     meter = _TVMeter(policy, attack.perturb)
     res = rollout(
-        policy, env_id, env_kwargs, seeds, num_envs=num_envs, perturb=meter, on_episode=on_episode
+        policy, env_id, env_kwargs, seeds, num_envs=num_envs, perturb=meter, progress=progress
     )
     tv = meter.tv_sum / max(meter.count, 1)
     info = dict(getattr(attack, "info", {}) or {})
@@ -221,34 +222,33 @@ def evaluate_suite(
     attack_seed: int = 0,
     num_envs: int = 16,
     clean: EvalResult | None = None,
-    on_stage: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     executor: Executor | None = None,
     context: AttackContext | None = None,
 ) -> SuiteResult:
     """Clean evaluation plus every attack of the suite, all on the same seeds.
 
     :param clean: a clean evaluation already made on these seeds (reused, not recomputed).
-    :param on_stage: called with the name of each evaluation as it starts.
+    :param progress: told how many of the suite's evaluations are done, naming the next.
     :param executor: runs the evaluations side by side (one job per attack, each with its own
         seeds, so the numbers are those of the serial run); None or one worker: in turn.
     :param context: critic, training budget, save and warm-start folders for the attacks (its
-        ``shared`` scratch space is common to a serial suite: MAD+RS reuses RS's ``Q``).
+        ``trained`` cache is common to a serial suite: MAD+RS reuses RS's ``Q``).
     """
     base = context or AttackContext(policy, threat, attack_seed, env_id=env_id)
     names = list(attacks) if clean is not None else ["clean", *attacks]
+    report = progress or no_progress
     done: dict[str, EvalResult] = {}
     if executor is not None and executor.workers > 1 and len(names) > 1:
-        if on_stage:
-            on_stage(f"{', '.join(names)} on {executor.workers} workers")
+        report(0, len(names), f"{', '.join(names)} on {executor.workers} workers")
         jobs = [
             (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs, base)
             for n in names
         ]
         done = dict(zip(names, executor.map(_suite_job, jobs), strict=True))
     else:
-        for n in names:
-            if on_stage:
-                on_stage(n)
+        for i, n in enumerate(names):
+            report(i, len(names), n)
             done[n] = _suite_job(
                 policy,
                 env_id,
@@ -258,8 +258,9 @@ def evaluate_suite(
                 threat,
                 attack_seed,
                 num_envs,
-                dataclasses.replace(base),  # one suite's attacks share base.shared
+                base,  # one suite's attacks share base.trained
             )
+    report(len(names), len(names))
     out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
     out.attacks = {n: done[n] for n in attacks}
     return out

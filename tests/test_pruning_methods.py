@@ -24,7 +24,9 @@ from compressor.policy.native import load_native, save_policy
 from compressor.prune.criteria import PRUNE_METHODS, neuron_scores, prune
 from compressor.prune.schedule import MicroSchedule, cubic_sparsity, micro_prune, prune_and_finetune
 from compressor.report.frontier import best_known, frontier_analysis, regret_terms
-from compressor.search.sparsity import Budget, Candidate, search_sparsity
+from compressor.search.budget import Budget
+from compressor.search.candidate import Candidate
+from compressor.search.sparsity import search_sparsity
 from conftest import make_policy
 
 THREAT = ThreatModel(0.1)
@@ -189,8 +191,9 @@ def test_smoothness_regulariser_flattens_the_student() -> None:
     out = {}
     for k in (0.0, 5.0):
         student = prune(teacher, 0.5)
-        cfg = FinetuneConfig(steps=150, adversarial_fraction=0.0, perturbed_fraction=0.0)
-        cfg.smoothness_weight = k
+        cfg = FinetuneConfig(
+            steps=150, adversarial_fraction=0.0, perturbed_fraction=0.0, smoothness_weight=k
+        )
         distill(student, teacher, _states(), THREAT, cfg, seed=1)
         out[k] = worst(student)
     assert out[5.0] < out[0.0]

@@ -8,6 +8,7 @@ policy, its pruned copies and synthetic evaluation results: no environment is ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from test_report import _unexplained
 
+from compressor.attacks.base import AttackContext
 from compressor.certify.global_bound import certify_global
 from compressor.core.config import load_profile, load_target
 from compressor.core.stats import summarize_returns
@@ -32,9 +34,11 @@ from compressor.report.build import (
     validate,
     write_report,
 )
-from compressor.report.frontier import frontier_analysis
 from compressor.report.render import render_html, render_markdown
-from compressor.search.sparsity import Budget, Candidate, SearchResult
+from compressor.run.results import ChosenPolicy, DenseMeasurement, RunSetup
+from compressor.search.budget import Budget
+from compressor.search.candidate import Candidate
+from compressor.search.sparsity import SearchResult
 from conftest import make_policy
 
 THREAT = ThreatModel(0.1)
@@ -77,40 +81,40 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert chosen.passed and cands[0].passed and not cands[2].passed
     n = chosen.params_nonzero
     export = ExportResult(run_dir / "policy.onnx", 17, 8, 2048, "0" * 64, n, n, 0, 0.0)
-    fa = frontier_analysis(
-        rule,
-        500.0,
-        300.0,
-        "mad",
-        dense_cert.to_dict()["certified_radius"],
-        cands,
-        chosen,
-        520.0,
-        "synthetic test reference",
+    base = load_profile("cartpole")
+    reference = dataclasses.replace(
+        base.reference, best_return=520.0, source="synthetic test reference"
     )
-    report = build_report(
+    setup = RunSetup(
         loaded=LoadedPolicy(dense, None, [], run_dir / "dense.pt", "native", "f" * 64),
-        profile=load_profile("cartpole"),
-        target=load_target("cpu-x86"),
+        profile=dataclasses.replace(base, reference=reference),
         threat=THREAT,
-        rule=rule,
-        dense_suite=dense_suite,
-        dense_certs={THREAT.norm: dense_cert},
-        dense_local=None,
-        search=SearchResult(cands, chosen),
-        chosen={
-            "policy": chosen.policy,
-            "export": export,
-            "suite": chosen.suite,
-            "certificates": {THREAT.norm: chosen.certificate},
-            "candidate": chosen,
-            "local": None,
-        },
-        timings={"total": 1.0},
-        command=["compress", "run", "dense.pt"],
+        target=load_target("cpu-x86"),
+        budget=0.05,
         run_dir=run_dir,
-        frontier_analysis=fa,
+        resumed=False,
+        command=("compress", "run", "dense.pt"),
     )
+    states = np.zeros((4, dense.spec.obs_dim), dtype=np.float32)
+    measured = DenseMeasurement(
+        suite=dense_suite,
+        random_return=20.0,
+        states=states,
+        state_steps=0,
+        cert_states=states,
+        certificates={THREAT.norm: dense_cert},
+        local={},
+        rule=rule,
+        attack_ctx=AttackContext(dense, THREAT),
+    )
+    picked = ChosenPolicy(
+        candidate=chosen,
+        suite=chosen.suite,
+        final_only=SuiteResult(chosen.suite.clean, {}, THREAT),
+        certificates={THREAT.norm: chosen.certificate},
+        export=export,
+    )
+    report = build_report(setup, measured, SearchResult(cands, chosen), picked, {"total": 1.0})
     write_report(report, run_dir)
     return run_dir
 

@@ -71,7 +71,7 @@ def test_killed_run_resumes_to_the_same_report(tmp_path: Path) -> None:
     prof = tmp_path / "tiny.toml"
     prof.write_text(PROFILE)
     full = subprocess.run(_cmd(prof, tmp_path / "a"), capture_output=True, text=True, timeout=600)
-    assert full.returncode in (0, 4), full.stderr
+    assert full.returncode == 0, full.stderr  # bisection finds a passing level (25%)
     reference = json.loads(full.stdout)
 
     out = tmp_path / "b"

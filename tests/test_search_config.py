@@ -13,7 +13,9 @@ from compressor.core.errors import CompressorError
 from compressor.core.stats import summarize_returns
 from compressor.core.threat import ThreatModel
 from compressor.evaluate import EvalResult, SuiteResult
-from compressor.search.sparsity import Budget, Candidate, search_sparsity
+from compressor.search.budget import Budget
+from compressor.search.candidate import Candidate
+from compressor.search.sparsity import search_sparsity
 from conftest import make_policy
 
 CERT = certify_global(make_policy(), ThreatModel(0.1))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from compressor.core.config import AttackBudget
 from compressor.core.threat import ThreatModel
@@ -33,6 +35,19 @@ class Attack(Protocol):
 
 
 @dataclass
+class TrainedCache:
+    """What the attacks of one suite train and share: MAD+RS reuses Robust Sarsa's ``Q``, and a
+    learned adversary is trained once per mode. Each entry is ``(network, info)``.
+
+    :param robust_q: RS's strongest ``Q^π`` and what training it cost.
+    :param adversaries: learned adversaries by mode (``sa_rl``, ``pa_ad``).
+    """
+
+    robust_q: tuple[nn.Module, dict[str, Any]] | None = None
+    adversaries: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class AttackContext:
     """What an attack may use: the victim, the threat model, a seeded RNG, and for the attacks
     that need them, the environment, the victim's value function and a training budget.
@@ -47,7 +62,7 @@ class AttackContext:
     :param save_dir: where learned adversaries and Q-functions save their weights (or None).
     :param warm_start: folder of another policy's saved adversaries to start training from
         (the dense policy's, when attacking a pruned candidate).
-    :param shared: scratch space shared by the attacks of one suite (MAD+RS reuses RS's Q).
+    :param trained: what the attacks of one suite train and share (a fresh cache per policy).
     """
 
     policy: Policy
@@ -59,7 +74,12 @@ class AttackContext:
     budget: AttackBudget = field(default_factory=AttackBudget)
     save_dir: Path | None = None
     warm_start: Path | None = None
-    shared: dict[str, Any] = field(default_factory=dict)
+    trained: TrainedCache = field(default_factory=TrainedCache)
+
+    def for_policy(self, policy: Policy, **changes: Any) -> AttackContext:
+        """The same context for another victim, with a fresh cache (nothing trained on one
+        policy is reused for another, except through ``warm_start``)."""
+        return dataclasses.replace(self, policy=policy, trained=TrainedCache(), **changes)
 
     def generator(self) -> torch.Generator:
         """A fresh generator seeded with ``seed``."""

@@ -218,12 +218,14 @@ def _load_adversary(path: Path) -> tuple[Policy, dict[str, torch.Tensor]]:
 
 
 def train_adversary(ctx: AttackContext, mode: str) -> tuple[Policy, dict[str, Any]]:
-    """Train (or reuse from ``ctx.shared``) the ``mode`` adversary of ``ctx.policy``.
+    """Train (or reuse from ``ctx.trained``) the ``mode`` adversary of ``ctx.policy``.
 
     :returns: the adversary policy and what training it cost (steps, seconds, return curve).
     """
-    if mode in ctx.shared:
-        return ctx.shared[mode]  # type: ignore[no-any-return]
+    if mode in ctx.trained.adversaries:
+        cached, cached_info = ctx.trained.adversaries[mode]
+        assert isinstance(cached, Policy)
+        return cached, cached_info
     from compressor.rl.ppo import PPOConfig, train_ppo
 
     env_id, env_kwargs = ctx.env()
@@ -255,7 +257,9 @@ def train_adversary(ctx: AttackContext, mode: str) -> tuple[Policy, dict[str, An
     init = _load_adversary(init_path) if init_path is not None and init_path.is_file() else None
     curve: list[tuple[int, float]] = []
     t0 = time.perf_counter()
-    adversary, critic, stats = train_ppo(cfg, lambda s, r: curve.append((s, r)), init=init)
+    adversary, critic, stats = train_ppo(
+        cfg, init=init, on_update=lambda s, r: curve.append((s, r))
+    )
     # the agent's return is -(victim's return): report the victim's, as every table does
     victim_curve = [(s, round(-r, 1)) for s, r in curve if r == r]
     info: dict[str, Any] = {
@@ -282,7 +286,7 @@ def train_adversary(ctx: AttackContext, mode: str) -> tuple[Policy, dict[str, An
         payload["adversary"] = {"mode": mode, "eps": ctx.threat.eps, "norm": ctx.threat.norm}
         atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
         info["saved"] = str(path)
-    ctx.shared[mode] = (adversary, info)
+    ctx.trained.adversaries[mode] = (adversary, info)
     return adversary, info
 
 

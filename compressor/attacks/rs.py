@@ -29,6 +29,7 @@ from compressor.core import atomic
 from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd, pgd_in_ball
 from compressor.policy.model import Policy
+from compressor.rl.rollout import rollout
 
 #: Scan episodes start here, apart from any profile's evaluation and state seeds.
 SCAN_SEED = 50_000
@@ -97,7 +98,6 @@ def collect_transitions(ctx: AttackContext, episodes: int) -> dict[str, torch.Te
 
     :returns: ``obs, act, rew, next_obs, term, last`` (``last``: final step of its episode).
     """
-    from compressor.rl.rollout import rollout
 
     env_id, env_kwargs = ctx.env()
     rows: list[tuple[np.ndarray, ...]] = []
@@ -114,7 +114,7 @@ def collect_transitions(ctx: AttackContext, episodes: int) -> dict[str, torch.Te
         num_envs=min(episodes, 16),
         deterministic=False,
         generator=ctx.generator(),
-        on_step=hook,
+        on_transition=hook,
     )
     ep, obs, act, rew, nxt, term = (np.concatenate([r[i] for r in rows]) for i in range(6))
     order = np.lexsort((np.arange(len(ep)), ep))  # by episode, then time
@@ -229,10 +229,11 @@ def _load_q(path: Path | None, obs_dim: int, act_dim: int) -> QNet | None:
 
 
 def robust_q(ctx: AttackContext) -> tuple[QNet, dict[str, Any]]:
-    """Train (or reuse from ``ctx.shared``) the strongest RS ``Q`` of the regulariser scan."""
-    if "rs" in ctx.shared:
-        return ctx.shared["rs"]  # type: ignore[no-any-return]
-    from compressor.evaluate import evaluate_attack
+    """Train (or reuse from ``ctx.trained``) the strongest RS ``Q`` of the regulariser scan."""
+    if ctx.trained.robust_q is not None:
+        cached, cached_info = ctx.trained.robust_q
+        assert isinstance(cached, QNet)
+        return cached, cached_info
 
     b, t0 = ctx.budget, time.perf_counter()
     data = collect_transitions(ctx, b.rs_episodes)
@@ -248,13 +249,13 @@ def robust_q(ctx: AttackContext) -> tuple[QNet, dict[str, Any]]:
             best = (math.nan, q, stats, reg)
             break
         trial = AttackContext(ctx.policy, ctx.threat, ctx.seed, budget=ctx.budget)
-        trial.shared["rs"] = (q, stats)
-        res = evaluate_attack(
-            ctx.policy, env_id, env_kwargs, scan_seeds, "rs", ctx.threat, context=trial
-        )
-        scan[str(reg)] = round(res.stats.mean, 2)
-        if best is None or res.stats.mean < best[0]:
-            best = (res.stats.mean, q, stats, reg)
+        trial.trained.robust_q = (q, stats)
+        attack = RobustSarsaAttack(trial)
+        scanned = rollout(ctx.policy, env_id, env_kwargs, scan_seeds, perturb=attack.perturb)
+        mean = float(np.mean(scanned.returns))
+        scan[str(reg)] = round(mean, 2)
+        if best is None or mean < best[0]:
+            best = (mean, q, stats, reg)
     assert best is not None
     _, q, stats, reg = best
     info = {
@@ -275,7 +276,7 @@ def robust_q(ctx: AttackContext) -> tuple[QNet, dict[str, Any]]:
         payload = {"kind": "robust-sarsa-q", "reg": reg, "state_dict": q.state_dict()}
         atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
         info["saved"] = str(path)
-    ctx.shared["rs"] = (q, info)
+    ctx.trained.robust_q = (q, info)
     return q, info
 
 

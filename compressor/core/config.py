@@ -21,27 +21,27 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnvSection:
     id: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ThreatSection:
     eps: float = 0.05
     norm: str = "inf"
     space: str = "normalized"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationSection:
     episodes: int = 10
     seed: int = 0
     num_envs: int = 16
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackBudget:
     """Training budgets of the attacks that learn something before they attack.
 
@@ -72,7 +72,7 @@ class AttackBudget:
         return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttacksSection(AttackBudget):
     """``[attacks]``: the training budgets (:class:`AttackBudget`) and which attacks run:
     ``screen`` on every candidate, ``final`` on the dense and the chosen policy (put the attacks
@@ -83,7 +83,7 @@ class AttacksSection(AttackBudget):
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class CertificateSection:
     tau: float = 0.1
     norms: list[str] = field(default_factory=lambda: ["inf", "2"])
@@ -92,7 +92,7 @@ class CertificateSection:
     local_method: str = "crown"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneSection:
     method: str = "magnitude"  # magnitude | micro | structured | random
     scope: str = "global"
@@ -130,7 +130,7 @@ def check_finetune_settings(
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     """:param steps: optimiser steps. :param batch_size: states per step. :param lr: Adam
     learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
@@ -184,7 +184,7 @@ class FinetuneConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneSection(FinetuneConfig):
     """``[finetune]``: the fine-tuning settings (:class:`FinetuneConfig`) and where its states
     come from: ``state_episodes`` dense-policy episodes from seed ``state_seed``, then
@@ -196,14 +196,14 @@ class FinetuneSection(FinetuneConfig):
     state_seed: int = 10_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSection:
     grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
     refine: int = 2
     max_tv: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReferenceSection:
     """The best return known for the task (the regret decomposition's ``J(π*)``) and where it
     comes from; ``None``: the best return measured in the run."""
@@ -212,7 +212,7 @@ class ReferenceSection:
     source: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Profile:
     """A task profile: environment, threat model, evaluation, attacks and search settings."""
 
@@ -239,7 +239,7 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Target:
     """A deployment target: runtime providers, opset, precision, threads, latency budget.
 
@@ -358,8 +358,7 @@ def list_shipped(kind: str) -> list[str]:
 def load_profile(name_or_path: str) -> Profile:
     """Load a shipped profile by name (``hopper``) or a user's TOML file by path."""
     path = _resolve("profiles", name_or_path)
-    prof = _build(Profile, _read_toml(path), str(path))
-    prof.path = str(path)
+    prof = dataclasses.replace(_build(Profile, _read_toml(path), str(path)), path=str(path))
     if prof.evaluation.episodes < 1:
         raise CompressorError(f"{path}: evaluation.episodes must be at least 1")
     if not prof.search.grid or any(not 0 <= s < 1 for s in prof.search.grid):
@@ -395,8 +394,7 @@ def profile_policy_path(profile: Profile) -> Path | None:
 def load_target(name_or_path: str) -> Target:
     """Load a shipped target by name (``cpu-x86``) or a user's TOML file by path."""
     path = _resolve("targets", name_or_path)
-    tgt = _build(Target, _read_toml(path), str(path))
-    tgt.path = str(path)
+    tgt = dataclasses.replace(_build(Target, _read_toml(path), str(path)), path=str(path))
     if not 7 <= tgt.opset <= 21:
         raise CompressorError(f"{path}: opset {tgt.opset} is outside the supported 7..21")
     return tgt

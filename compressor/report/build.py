@@ -32,12 +32,12 @@ from compressor.core.errors import CompressorError
 
 if TYPE_CHECKING:  # the renderers need none of the pipeline's modules at run time
     from compressor.certify.global_bound import GlobalCertificate
-    from compressor.core.config import Profile, Target
-    from compressor.core.threat import ThreatModel
     from compressor.evaluate import SuiteResult
-    from compressor.policy.loading import LoadedPolicy
     from compressor.policy.model import Policy
-    from compressor.search.sparsity import Budget, SearchResult
+    from compressor.run.results import ChosenPolicy, DenseMeasurement, RunSetup
+    from compressor.search.budget import Budget
+    from compressor.search.candidate import Candidate
+    from compressor.search.sparsity import SearchResult
 
 SCHEMA = "edge-policy-compressor/report"
 SCHEMA_VERSION = 3
@@ -192,137 +192,144 @@ def _policy_block(
     }
 
 
-def build_report(
-    *,
-    loaded: LoadedPolicy,
-    profile: Profile,
-    target: Target,
-    threat: ThreatModel,
-    rule: Budget,
-    dense_suite: SuiteResult,
-    dense_certs: dict[str, GlobalCertificate],
-    dense_local: dict[str, Any] | None,
-    search: SearchResult,
-    chosen: dict[str, Any] | None,
-    timings: dict[str, float],
-    command: list[str],
-    run_dir: Path,
-    frontier_analysis: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble the report dict (the content of ``report.json``).
+def _chosen_block(setup: RunSetup, rule: Budget, chosen: ChosenPolicy) -> dict[str, Any]:
+    block = _policy_block(chosen.suite, chosen.certificates, chosen.policy)
+    cand, exp = chosen.candidate, chosen.export
+    block["finetune"] = cand.finetune.to_dict() if cand.finetune else None
+    block["local_certificate"] = cand.local
+    block["final_check"] = rule.check(chosen.suite, chosen.certificates[setup.threat.norm])
+    pt = setup.run_dir / "policy.pt"
+    block["file_bytes"] = pt.stat().st_size if pt.exists() else None
+    block["onnx"] = {
+        "path": "policy.onnx",
+        "file_bytes": exp.file_bytes,
+        "sha256": exp.sha256,
+        "opset": exp.opset,
+        "ir_version": exp.ir_version,
+        "params_exported": exp.params_exported,
+        "removed_neurons": exp.removed_neurons,
+        "parity_max_abs_err": exp.parity_max_abs_err,
+        "parity_batches": exp.parity_batches,
+    }
+    return block
 
-    :param frontier_analysis: the optional block of
-        :func:`~compressor.report.frontier.frontier_analysis`.
-    """
-    from compressor.policy.loading import describe
 
-    src_file = Path(loaded.path)
-    dense_block = _policy_block(dense_suite, dense_certs, loaded.policy)
-    dense_block["file_bytes"] = src_file.stat().st_size if src_file.exists() else None
-    dense_block["local_certificate"] = dense_local
-    chosen_block = None
-    if chosen is not None:
-        pol, exp = chosen["policy"], chosen["export"]
-        cand = chosen["candidate"]
-        chosen_block = _policy_block(chosen["suite"], chosen["certificates"], pol)
-        chosen_block["finetune"] = cand.finetune.to_dict() if cand.finetune else None
-        chosen_block["local_certificate"] = chosen.get("local")
-        chosen_block["final_check"] = rule.check(
-            chosen["suite"], chosen["certificates"][threat.norm]
-        )
-        pt = run_dir / "policy.pt"
-        chosen_block["file_bytes"] = pt.stat().st_size if pt.exists() else None
-        chosen_block["onnx"] = {
-            "path": "policy.onnx",
-            "file_bytes": exp.file_bytes,
-            "sha256": exp.sha256,
-            "opset": exp.opset,
-            "ir_version": exp.ir_version,
-            "params_exported": exp.params_exported,
-            "removed_neurons": exp.removed_neurons,
-            "parity_max_abs_err": exp.parity_max_abs_err,
-            "parity_batches": exp.parity_batches,
-        }
-    frontier = [
-        {
-            "target_sparsity": c.target_sparsity,
-            "sparsity": c.sparsity,
-            "clean_return": c.suite.clean.stats.mean,
-            "clean_ci": [c.suite.clean.stats.ci_low, c.suite.clean.stats.ci_high],
-            "robust_return": c.suite.robust_return,
-            "robust_ci": _ci(c.suite, c.suite.strongest_attack),
-            "strongest_attack": c.suite.strongest_attack,
-            "attack_returns": {k: v.stats.mean for k, v in c.suite.attacks.items()},
-            "attack_ci": {k: _ci(c.suite, k) for k in c.suite.attacks},
-            "lipschitz": c.certificate.lipschitz,
-            "tv_bound": c.certificate.tv_bound,
-            "certified_radius": c.certificate.to_dict()["certified_radius"],
-            "params_nonzero": c.params_nonzero,
-            "local_tv_median": (c.local or {}).get("local", {}).get("tv_median"),
-            "empirical_tv_median": (c.local or {}).get("empirical", {}).get("tv_median"),
-            "passed": c.passed,
-            "reasons": c.reasons,
-            "wall_s": round(c.wall_s, 2),
-        }
-        for c in search.candidates
-    ]
-    if chosen_block is not None:
-        verdict = {
-            "passed": True,
-            "chosen_sparsity": chosen_block["sparsity"],
-            "summary": (
-                f"sparsity {chosen_block['sparsity']:.1%} meets budget {rule.budget}: clean "
-                f"{chosen_block['clean_return']:.1f} ≥ {rule.clean_floor:.1f}, robust "
-                f"{chosen_block['robust_return']:.1f} ≥ {rule.robust_floor:.1f}, certificate "
-                "no looser than dense"
-            ),
-        }
-    else:
-        verdict = {
+def _frontier_row(c: Candidate) -> dict[str, Any]:
+    return {
+        "target_sparsity": c.target_sparsity,
+        "sparsity": c.sparsity,
+        "clean_return": c.suite.clean.stats.mean,
+        "clean_ci": [c.suite.clean.stats.ci_low, c.suite.clean.stats.ci_high],
+        "robust_return": c.suite.robust_return,
+        "robust_ci": _ci(c.suite, c.suite.strongest_attack),
+        "strongest_attack": c.suite.strongest_attack,
+        "attack_returns": {k: v.stats.mean for k, v in c.suite.attacks.items()},
+        "attack_ci": {k: _ci(c.suite, k) for k in c.suite.attacks},
+        "lipschitz": c.certificate.lipschitz,
+        "tv_bound": c.certificate.tv_bound,
+        "certified_radius": c.certificate.to_dict()["certified_radius"],
+        "params_nonzero": c.params_nonzero,
+        "local_tv_median": (c.local or {}).get("local", {}).get("tv_median"),
+        "empirical_tv_median": (c.local or {}).get("empirical", {}).get("tv_median"),
+        "passed": c.passed,
+        "reasons": c.reasons,
+        "wall_s": round(c.wall_s, 2),
+    }
+
+
+def _verdict(rule: Budget, chosen_block: dict[str, Any] | None) -> dict[str, Any]:
+    if chosen_block is None:
+        return {
             "passed": False,
             "chosen_sparsity": None,
             "summary": f"no evaluated sparsity met budget {rule.budget}; nothing was exported",
         }
+    return {
+        "passed": True,
+        "chosen_sparsity": chosen_block["sparsity"],
+        "summary": (
+            f"sparsity {chosen_block['sparsity']:.1%} meets budget {rule.budget}: clean "
+            f"{chosen_block['clean_return']:.1f} ≥ {rule.clean_floor:.1f}, robust "
+            f"{chosen_block['robust_return']:.1f} ≥ {rule.robust_floor:.1f}, certificate "
+            "no looser than dense"
+        ),
+    }
+
+
+def _reproducibility(setup: RunSetup) -> dict[str, Any]:
+    return {
+        "command": list(setup.command),
+        "versions": package_versions(),
+        "environment": env_description(setup.env_id),
+        "code": code_digest(),
+        "source_sha256": setup.loaded.sha256,
+        "outputs_sha256": output_hashes(setup.run_dir),
+        "cpu": {"machine": platform.machine(), "logical_cores": os.cpu_count()},
+    }
+
+
+def build_report(
+    setup: RunSetup,
+    dense: DenseMeasurement,
+    search: SearchResult,
+    chosen: ChosenPolicy | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Assemble the report dict (the content of ``report.json``) from the stages' values.
+
+    :param setup: the run's set-up. :param dense: the dense measurement.
+    :param search: the search's candidates and choice. :param chosen: the chosen policy, or
+        None. :param timings: seconds per stage.
+    """
+    from compressor.policy.loading import describe
+    from compressor.report.frontier import frontier_analysis
+
+    prof, rule = setup.profile, dense.rule
+    src_file = Path(setup.loaded.path)
+    dense_block = _policy_block(dense.suite, dense.certificates, setup.dense)
+    dense_block["file_bytes"] = src_file.stat().st_size if src_file.exists() else None
+    dense_block["local_certificate"] = dense.local
+    chosen_block = _chosen_block(setup, rule, chosen) if chosen is not None else None
+    f = prof.finetune
+    screen = dense.screen_suite(prof.attacks.screen)
     report = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "verdict": verdict,
-        "source": describe(loaded),
-        "threat": {"eps": threat.eps, "norm": threat.norm, "space": threat.space},
+        "verdict": _verdict(rule, chosen_block),
+        "source": describe(setup.loaded),
+        "threat": {"eps": setup.threat.eps, "norm": setup.threat.norm, "space": setup.threat.space},
         "budget": rule.to_dict(),
         "seeds": {
-            "evaluation": profile.seeds(),
-            "attack_seed": profile.attacks.seed,
-            "finetune_state_seeds": [
-                profile.finetune.state_seed,
-                profile.finetune.state_seed + profile.finetune.state_episodes - 1,
-            ],
+            "evaluation": setup.seeds,
+            "attack_seed": prof.attacks.seed,
+            "finetune_state_seeds": [f.state_seed, f.state_seed + f.state_episodes - 1],
         },
-        "attacks": {"screen": profile.attacks.screen, "final": profile.attacks.final},
+        "attacks": {"screen": prof.attacks.screen, "final": prof.attacks.final},
         "attack_runs": attack_runs(
-            dense_suite,
+            dense.suite,
             search.candidates,
-            chosen["suite"] if chosen is not None else None,
-            profile.attacks.screen,
+            chosen.suite if chosen is not None else None,
+            prof.attacks.screen,
         ),
         "dense": dense_block,
         "chosen": chosen_block,
-        "frontier": frontier,
+        "frontier": [_frontier_row(c) for c in search.candidates],
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "profile": profile.to_dict(),
-        "target": target.to_dict(),
-        "reproducibility": {
-            "command": command,
-            "versions": package_versions(),
-            "environment": env_description(profile.env.id),
-            "code": code_digest(),
-            "source_sha256": loaded.sha256,
-            "outputs_sha256": output_hashes(run_dir),
-            "cpu": {"machine": platform.machine(), "logical_cores": os.cpu_count()},
-        },
+        "profile": prof.to_dict(),
+        "target": setup.target.to_dict(),
+        "reproducibility": _reproducibility(setup),
+        "frontier_analysis": frontier_analysis(
+            rule,
+            rule.dense_clean,
+            rule.dense_robust,
+            screen.strongest_attack,
+            dense.certificates[setup.threat.norm].to_dict()["certified_radius"],
+            search.candidates,
+            search.chosen,
+            prof.reference.best_return,
+            prof.reference.source,
+        ),
     }
-    if frontier_analysis is not None:
-        report["frontier_analysis"] = frontier_analysis
     report["derived"] = derive(report)
     return report
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pure arithmetic on measured numbers: the renderers may import this freely
-    from compressor.search.sparsity import Budget, Candidate
+    from compressor.search.budget import Budget
+    from compressor.search.candidate import Candidate
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch import nn
 
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
+from compressor.core.progress import Progress, no_progress
 from compressor.policy.model import Policy, PolicySpec
 from compressor.policy.native import policy_to_dict
 from compressor.rl.envs import env_dims
@@ -336,15 +337,18 @@ def ppo_update(
 
 def train_ppo(
     cfg: PPOConfig,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Progress = no_progress,
     init: tuple[Policy, dict[str, torch.Tensor]] | None = None,
+    on_update: Callable[[int, float], None] | None = None,
 ) -> tuple[Policy, nn.Sequential, dict[str, Any]]:
     """Train a policy with PPO.
 
     :param cfg: the configuration.
-    :param progress: called with (global step, mean recent training return) after each update.
+    :param progress: told the env steps done after each update, with the recent return.
     :param init: a policy of the same architecture and its critic's state dict to start from
         (warm start: weights, log-std and normalisation statistics are copied).
+    :param on_update: called with (global step, mean recent training return) after each update
+        (a learning curve).
     :returns: the policy (with frozen normalisation stats), the critic, and training stats.
     """
     dims = env_dims(cfg.env_id, cfg.env_kwargs)
@@ -400,8 +404,10 @@ def train_ppo(
         ro = stream.collect(policy, value, cfg.num_steps, obs_rms)
         b = gae_batch(ro, value, cfg.gamma, cfg.gae_lambda)
         ppo_update(policy, value, opt, params, b, cfg, rng)
-        if progress is not None:
-            progress(stream.step, stream.recent_return())
+        recent = stream.recent_return()
+        progress(stream.step, cfg.total_steps, f"return {recent:.1f}")
+        if on_update is not None:
+            on_update(stream.step, recent)
     stream.close()
     _set_norm(policy, obs_rms)
     stats = {

@@ -16,12 +16,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from compressor.core.progress import Progress
 from compressor.rl.envs import env_dims, make_vector_env
 
 #: Maps a batch of raw observations to the observations the policy sees (an attack).
 ObsTransform = Callable[[torch.Tensor], torch.Tensor]
 #: ``(episode, obs, action, reward, next_obs, terminated)`` of the running episodes, one step.
-StepHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+TransitionHook = Callable[
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None
+]
 
 
 class Actor(Protocol):
@@ -94,8 +97,8 @@ def rollout(
     record_states: bool = False,
     max_steps: int | None = None,
     generator: torch.Generator | None = None,
-    on_episode: Callable[[int], None] | None = None,
-    on_step: StepHook | None = None,
+    progress: Progress | None = None,
+    on_transition: TransitionHook | None = None,
 ) -> RolloutResult:
     """Run one episode per seed with ``policy``, batching the policy across a vector env.
 
@@ -110,8 +113,8 @@ def rollout(
     :param record_states: keep the true observations visited, for distillation / certificates.
     :param max_steps: truncate each episode after this many steps (None: the env's own limit).
     :param generator: RNG for stochastic actions.
-    :param on_episode: called with the number of finished episodes after each one.
-    :param on_step: called after every vector step with the transitions of the running
+    :param progress: told the number of finished episodes (of ``len(seeds)``) after each one.
+    :param on_transition: called after every vector step with the transitions of the running
         episodes (Robust Sarsa learns ``Q^π`` from them).
     """
     n_eps = len(seeds)
@@ -155,16 +158,18 @@ def rollout(
                 trunc = trunc | (lengths[np.maximum(slot_episode, 0)] >= max_steps)
             ended = term | trunc
             finished = ended & active
-            if on_step is not None:
+            if on_transition is not None:
                 a_np = act.numpy()
-                on_step(ep, prev_obs[active], a_np[active], rew[active], obs[active], term[active])
+                on_transition(
+                    ep, prev_obs[active], a_np[active], rew[active], obs[active], term[active]
+                )
             if not ended.any():
                 continue
             reset_seeds: list[int | None] = [None] * n
             for slot in np.flatnonzero(finished):
                 done_count += 1
-                if on_episode is not None:
-                    on_episode(done_count)
+                if progress is not None:
+                    progress(done_count, n_eps)
                 if next_episode < n_eps:
                     slot_episode[slot] = next_episode
                     reset_seeds[slot] = int(seeds[next_episode])

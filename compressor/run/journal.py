@@ -19,7 +19,7 @@ from typing import Any
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
 from compressor.policy.native import load_native, save_policy
-from compressor.search.sparsity import Candidate
+from compressor.search.candidate import Candidate
 
 CONFIG_FILE = "config.json"
 JOURNAL_FILE = "journal.jsonl"

@@ -1,0 +1,230 @@
+"""Single stages: ``evaluate``, ``attack``, ``certify``, ``prune``. Each parses its options,
+calls one function of :mod:`compressor.api`, and prints the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from compressor.cli.common import (
+    PANEL_STAGES,
+    AddressOpt,
+    EnvOpt,
+    EpsOpt,
+    ExecutorOpt,
+    JsonOpt,
+    NormOpt,
+    ProfileOpt,
+    SpaceOpt,
+    WorkersOpt,
+    app,
+    emit,
+    note,
+    setup_torch,
+)
+
+EpisodesOpt = Annotated[
+    int | None, typer.Option(help="Episodes (default: the profile's evaluation.episodes).")
+]
+SeedOpt = Annotated[int | None, typer.Option(help="First episode seed (default: the profile's).")]
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def evaluate(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    episodes: EpisodesOpt = None,
+    seed: SeedOpt = None,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clean return with deterministic actions: mean, std and 95% bootstrap CI."""
+    from compressor.api import evaluate_policy
+
+    setup_torch()
+    ev = evaluate_policy(src, episodes=episodes, seed=seed, env_id=env, profile=profile, note=note)
+    s = ev.result.stats
+    t = Table("env", "episodes", "mean", "std", "95% CI")
+    t.add_row(
+        ev.env_id, str(s.n), f"{s.mean:.1f}", f"{s.std:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}"
+    )
+    emit(ev.to_dict(), as_json, t)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def attack(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    attack_name: Annotated[
+        str, typer.Option("--attack", help="Attack name, comma-separated names, or 'all'.")
+    ] = "all",
+    eps: EpsOpt = None,
+    norm: NormOpt = None,
+    space: SpaceOpt = None,
+    episodes: EpisodesOpt = None,
+    seed: SeedOpt = None,
+    save: Annotated[
+        Path | None,
+        typer.Option("--save", help="Folder for the learned adversaries' and RS's weights."),
+    ] = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option("--warm-start", help="Folder of another policy's saved adversaries."),
+    ] = None,
+    train_steps: Annotated[
+        int | None,
+        typer.Option("--train-steps", help="Env steps per learned adversary (default: profile)."),
+    ] = None,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = None,
+    address: AddressOpt = "local",
+    as_json: JsonOpt = False,
+) -> None:
+    """Return under observation attacks (policy-aware, in the ε-ball), with the TV reached.
+
+    critic, rs, mad_rs, sa_rl and pa_ad train or need more than the policy: the critic attack
+    needs the file's value function (skipped by 'all' when there is none); rs and mad_rs learn
+    Q of the policy; sa_rl and pa_ad train a PPO adversary (budget: --train-steps or the
+    profile's [attacks] learned_steps), saved under --save.
+    """
+    from compressor.api import attack_policy
+    from compressor.core.executor import default_workers, make_executor
+    from compressor.core.progress import Reporter
+
+    setup_torch()
+    ex = make_executor(executor, default_workers() if workers is None else workers, address)
+    try:
+        with Reporter().stage("attacks") as progress:
+            rep = attack_policy(
+                src,
+                attacks=attack_name,
+                eps=eps,
+                norm=norm,
+                space=space,
+                episodes=episodes,
+                seed=seed,
+                save=save,
+                warm_start=warm_start,
+                train_steps=train_steps,
+                profile=profile,
+                env_id=env,
+                executor=ex,
+                progress=progress,
+                note=note,
+            )
+    finally:
+        ex.close()
+    for name, why in rep.skipped.items():
+        note(f"{name} skipped: {why}")
+    t = Table("attack", "mean return", "95% CI", "mean TV reached", "training")
+    suite, threat = rep.suite, rep.threat
+    for r in [suite.clean, *suite.attacks.values()]:
+        s = r.stats
+        tv = "—" if r.mean_tv is None else f"{r.mean_tv:.3f}"
+        t.add_row(
+            r.attack, f"{s.mean:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}", tv, r.training_summary()
+        )
+    n = suite.clean.stats.n
+    t.caption = f"{rep.env_id}, ε = {threat.eps} ({threat.norm}, {threat.space}), {n} ep."
+    emit(rep.to_dict(), as_json, t)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def certify(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    eps: EpsOpt = None,
+    norm: NormOpt = None,
+    space: SpaceOpt = None,
+    tau: Annotated[float, typer.Option(help="TV threshold of the certified radius.")] = 0.1,
+    states: Annotated[
+        int, typer.Option(help="Visited states for the empirical (PGD) TV; 0: none.")
+    ] = 0,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Certified robustness: the global absolute-product bound (and PGD's empirical TV)."""
+    from compressor.api import certify_policy
+
+    setup_torch()
+    rep = certify_policy(
+        src,
+        eps=eps,
+        norm=norm,
+        space=space,
+        tau=tau,
+        states=states,
+        profile=profile,
+        env_id=env,
+        note=note,
+    )
+    cert, threat = rep.certificate, rep.threat
+    t = Table("quantity", "value")
+    t.add_row(
+        "threat", f"ℓ{'∞' if threat.norm == 'inf' else '2'}, ε = {threat.eps} ({threat.space})"
+    )
+    t.add_row(f"certified {cert.shift_name} per unit ε", f"{cert.lipschitz:.4g}")
+    t.add_row("certified shift at ε", f"{cert.shift_bound:.4g}")
+    t.add_row("certified TV at ε", "n/a" if cert.tv_bound is None else f"{cert.tv_bound:.4f}")
+    t.add_row(f"certified radius ε*(τ={tau})", f"{cert.certified_radius}")
+    for k, v in cert.comparison.items():
+        t.add_row(f"{k} ({'monotone' if v['monotone'] else 'NOT monotone'})", f"{v['value']:.4g}")
+    for method, sc in rep.local.items():
+        _local_rows(t, method, sc)
+    emit(rep.to_dict(), as_json, t)
+
+
+def _local_rows(t: Table, method: str, sc: dict[str, Any]) -> None:
+    loc = sc["local"]
+    t.add_row(
+        f"local {method.upper()} certified TV over {loc['n_states']} visited states: median / p95",
+        f"{loc.get('tv_median', float('nan')):.4f} / "
+        f"{loc.get('tv_p95', float('nan')):.4f} ({loc['seconds']:.2f} s)",
+    )
+    if "empirical" in sc:
+        emp = sc["empirical"]
+        t.add_row(
+            f"empirical (PGD) TV over {emp['n_states']} states: median / max",
+            f"{emp['tv_median']:.4f} / {emp['tv_max']:.4f}",
+        )
+        t.add_row(
+            "certified / empirical, median over states (TV; shift)",
+            f"{sc.get('ratio_tv_median', float('nan')):.2f}; "
+            f"{sc.get('ratio_shift_median', float('nan')):.2f}",
+        )
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def prune(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of weights to remove, in [0, 1).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
+    method: Annotated[
+        str, typer.Option(help="magnitude, micro (needs fine-tuning), structured or random.")
+    ] = "magnitude",
+    scope: Annotated[str, typer.Option(help="global or layer.")] = "global",
+    finetune: Annotated[bool, typer.Option(help="Distil from the dense policy afterwards.")] = True,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune (masks kept through fine-tuning) and save the pruned policy."""
+    from compressor.api import prune_policy
+
+    setup_torch()
+    rep = prune_policy(
+        src,
+        sparsity,
+        output=output,
+        method=method,
+        scope=scope,
+        finetune=finetune,
+        profile=profile,
+        env_id=env,
+        note=note,
+    )
+    emit(rep.to_dict(), as_json)

@@ -1,0 +1,278 @@
+"""One candidate of the search: prune to a sparsity, fine-tune with the mask fixed, evaluate on the
+shared seeds under the screening attacks, certify, and apply the budget rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from compressor.attacks.base import AttackContext
+from compressor.certify.at_states import certify_states
+from compressor.certify.global_bound import GlobalCertificate, certify_global
+from compressor.core.config import FinetuneConfig, Profile
+from compressor.core.progress import Progress, no_progress, shifted
+from compressor.core.threat import ThreatModel
+from compressor.evaluate import SuiteResult, evaluate, evaluate_suite
+from compressor.finetune.distill import FinetuneStats, finetune_candidate, finetune_total_steps
+from compressor.policy.model import Policy
+from compressor.policy.value import ValueNet
+from compressor.prune.schedule import MicroSchedule, prune_and_finetune
+from compressor.search.budget import Budget
+
+
+@dataclass
+class Candidate:
+    """One evaluated sparsity level (pruned, fine-tuned, evaluated, certified).
+
+    :param target_sparsity: the level asked for. :param sparsity: the level reached.
+    :param suite: clean and attacked evaluation on the shared seeds.
+    :param certificate: the global certificate under the run's threat model.
+    :param finetune: fine-tuning statistics. :param params_nonzero: non-zero parameters.
+    :param reasons: why it fails the budget (empty: it passes). :param wall_s: seconds.
+    :param local: local (per-state) certificate vs PGD at the dense policy's visited states.
+    :param policy: the candidate policy itself (not serialised).
+    """
+
+    target_sparsity: float
+    sparsity: float
+    suite: SuiteResult
+    certificate: GlobalCertificate
+    finetune: FinetuneStats | None
+    params_nonzero: int
+    reasons: list[str]
+    wall_s: float
+    local: dict[str, Any] | None = None
+    policy: Policy | None = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        """Whether the candidate meets the budget."""
+        return not self.reasons
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], policy: Policy | None = None) -> Candidate:
+        """Inverse of :meth:`to_dict` (the policy is stored beside the journal)."""
+        return cls(
+            target_sparsity=d["target_sparsity"],
+            sparsity=d["sparsity"],
+            suite=SuiteResult.from_dict(d["evaluation"]),
+            certificate=GlobalCertificate.from_dict(d["certificate"]),
+            finetune=FinetuneStats(**d["finetune"]) if d.get("finetune") else None,
+            params_nonzero=d["params_nonzero"],
+            reasons=list(d["reasons"]),
+            wall_s=d["wall_s"],
+            local=d.get("local_certificate"),
+            policy=policy,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the policy)."""
+        return {
+            "target_sparsity": self.target_sparsity,
+            "sparsity": self.sparsity,
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "evaluation": self.suite.to_dict(),
+            "certificate": self.certificate.to_dict(),
+            "finetune": self.finetune.to_dict() if self.finetune else None,
+            "params_nonzero": self.params_nonzero,
+            "local_certificate": self.local,
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """What building one candidate needs, as plain data, so any executor's worker can run it.
+
+    :param dense: the dense policy. :param prof: the run's resolved profile (its ``[env]``
+        names the environment). :param threat: the threat model. :param rule: the budget rule.
+    :param states: the dense policy's visited states (distillation).
+    :param cert_states: the fixed sample of them for local certificates.
+    :param seeds: the evaluation episode seeds shared by every candidate.
+    :param attack_ctx: the attack context (critic, budgets) of the run.
+    """
+
+    dense: Policy
+    prof: Profile
+    threat: ThreatModel
+    rule: Budget
+    states: np.ndarray
+    cert_states: np.ndarray
+    seeds: list[int]
+    attack_ctx: AttackContext
+
+
+def build_candidate(
+    job: CandidateJob, sparsity: float, progress: Progress = no_progress
+) -> Candidate:
+    """Prune to ``sparsity``, fine-tune with the mask fixed, evaluate on the shared seeds under
+    the screening attacks, certify, and apply the budget rule (an executor job: its result
+    depends only on ``job`` and ``sparsity``).
+
+    :param progress: told the sub-steps done: pruning and fine-tuning, then each evaluation.
+    """
+    prof, threat = job.prof, job.threat
+    steps = len(prof.attacks.screen) + 2
+    t0 = time.perf_counter()
+    progress(0, steps, "pruning and fine-tuning")
+    collect = student_state_collector(prof)
+    critic = job.attack_ctx.critic
+    cand, ft = prune_candidate(
+        job.dense,
+        sparsity,
+        prof,
+        job.states,
+        threat,
+        collect,
+        critic=critic if isinstance(critic, ValueNet) else None,
+    )
+    suite = evaluate_suite(
+        cand,
+        prof.env.id,
+        prof.env.kwargs,
+        job.seeds,
+        prof.attacks.screen,
+        threat,
+        attack_seed=prof.attacks.seed,
+        num_envs=prof.evaluation.num_envs,
+        progress=shifted(progress, 1, steps),
+        context=job.attack_ctx.for_policy(cand),
+    )
+    cert = certify_global(cand, threat, prof.certificate.tau)
+    return Candidate(
+        target_sparsity=sparsity,
+        sparsity=cand.sparsity(),
+        suite=suite,
+        certificate=cert,
+        finetune=ft,
+        params_nonzero=cand.num_parameters(nonzero_only=True),
+        reasons=job.rule.check(suite, cert),
+        wall_s=time.perf_counter() - t0,
+        local=certify_at_states(cand, job.cert_states, threat, prof),
+        policy=cand,
+    )
+
+
+def certify_at_states(
+    policy: Policy, states: np.ndarray, threat: ThreatModel, prof: Profile
+) -> dict[str, Any]:
+    """The local certificate (and PGD's empirical shift) at the run's fixed sample of states."""
+    c = prof.certificate
+    return certify_states(
+        policy,
+        states,
+        threat,
+        tau=c.tau,
+        method=c.local_method,
+        empirical_states=c.empirical_states,
+        seed=prof.attacks.seed,
+    )
+
+
+def certify_all(policy: Policy, threat: ThreatModel, prof: Profile) -> dict[str, GlobalCertificate]:
+    """Global certificates for the run's norm and every norm the profile lists, same ε/space."""
+    norms = list(dict.fromkeys([threat.norm, *prof.certificate.norms]))
+    return {
+        n: certify_global(policy, ThreatModel(threat.eps, n, threat.space), prof.certificate.tau)
+        for n in norms
+    }
+
+
+def finetune_config(prof: Profile) -> FinetuneConfig:
+    """The fine-tuning settings of a profile (every ``[finetune]`` key FinetuneConfig has)."""
+    section = dataclasses.asdict(prof.finetune)
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in section.items() if k in names})
+
+
+def prune_candidate(
+    dense: Policy,
+    sparsity: float,
+    prof: Profile,
+    states: np.ndarray,
+    threat: ThreatModel,
+    collect: Callable[[Policy], np.ndarray],
+    cfg: FinetuneConfig | None = None,
+    critic: ValueNet | None = None,
+) -> tuple[Policy, FinetuneStats]:
+    """Prune ``dense`` with the profile's method and fine-tune it with the mask fixed, by the
+    profile's ``[finetune] method`` (distillation + DAgger, PPO from the file's critic or a
+    learned one, or both); micro-pruning cuts on its schedule during the fine-tuning.
+
+    :param prof: a resolved profile (its ``[env]`` names the environment fine-tuning uses).
+    :param states: the dense policy's visited states. :param collect: rolls out a student.
+    :param cfg: fine-tuning settings (default: the profile's). :param critic: a value net.
+    """
+    ft_cfg = cfg or finetune_config(prof)
+
+    def tune(pol: Policy, hook: Callable[[int], None] | None) -> FinetuneStats:
+        return finetune_candidate(
+            pol,
+            dense,
+            states,
+            threat,
+            ft_cfg,
+            collect,
+            critic,
+            prof.env.id,
+            dict(prof.env.kwargs),
+            seed=prof.finetune.state_seed,
+            on_step=hook,
+        )
+
+    return prune_and_finetune(
+        dense,
+        sparsity,
+        prof.prune.method,
+        tune,
+        finetune_total_steps(ft_cfg),
+        scope=prof.prune.scope,
+        seed=prof.attacks.seed,
+        schedule=MicroSchedule(prof.prune.micro_steps, prof.prune.micro_end),
+    )
+
+
+def dense_states(
+    dense: Policy, prof: Profile, progress: Progress = no_progress
+) -> tuple[np.ndarray, int]:
+    """The states the dense policy visits on the profile's fine-tuning seeds (apart from the
+    evaluation's), and the env steps that cost.
+
+    :param prof: a resolved profile. :param progress: told the finished episodes.
+    """
+    f = prof.finetune
+    seeds = list(range(f.state_seed, f.state_seed + f.state_episodes))
+    _, res = evaluate(
+        dense,
+        prof.env.id,
+        prof.env.kwargs,
+        seeds,
+        num_envs=prof.evaluation.num_envs,
+        record_states=True,
+        progress=progress,
+    )
+    assert res.states is not None
+    return res.states, res.steps
+
+
+def student_state_collector(prof: Profile) -> Callable[[Policy], np.ndarray]:
+    """Rolls out a student on the profile's DAgger seeds and returns the states it visits."""
+    start = prof.finetune.state_seed + prof.finetune.state_episodes
+    seeds = list(range(start, start + prof.finetune.dagger_episodes))
+    num_envs = prof.evaluation.num_envs
+
+    def collect(pol: Policy) -> np.ndarray:
+        _, res = evaluate(
+            pol, prof.env.id, prof.env.kwargs, seeds, num_envs=num_envs, record_states=True
+        )
+        assert res.states is not None
+        return res.states
+
+    return collect
