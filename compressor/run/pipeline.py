@@ -23,15 +23,15 @@ from rich.markup import escape
 from compressor.attacks import NEEDS_CRITIC, AttackBudget, AttackContext
 from compressor.certify.at_states import certify_states
 from compressor.certify.global_bound import GlobalCertificate, certify_global
-from compressor.core.config import Profile, Target, load_profile, profile_for_env
+from compressor.core.config import FinetuneConfig, Profile, Target, load_profile, profile_for_env
 from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor, SerialExecutor
 from compressor.core.progress import Reporter
 from compressor.core.threat import ThreatModel
 from compressor.deploy.export import export_onnx
 from compressor.evaluate import SuiteResult, evaluate, evaluate_suite, random_action_return
-from compressor.finetune.distill import (
-    FinetuneConfig,
+from compressor.finetune import (
+    FinetuneInputs,
     FinetuneStats,
     finetune_candidate,
     finetune_total_steps,
@@ -502,21 +502,12 @@ def prune_candidate(
     learned one, or both); micro-pruning cuts on its schedule during the fine-tuning."""
     ft_cfg = cfg or finetune_config(prof)
     kwargs = dict(env_kwargs if env_kwargs is not None else _env_kwargs(prof, dense))
+    inputs = FinetuneInputs(
+        dense, states, threat, collect, critic, prof.env.id, kwargs, seed=prof.finetune.state_seed
+    )
 
     def tune(pol: Policy, hook: Callable[[int], None] | None) -> FinetuneStats:
-        return finetune_candidate(
-            pol,
-            dense,
-            states,
-            threat,
-            ft_cfg,
-            collect,
-            critic,
-            prof.env.id,
-            kwargs,
-            seed=prof.finetune.state_seed,
-            on_step=hook,
-        )
+        return finetune_candidate(pol, inputs, ft_cfg, on_step=hook)
 
     return prune_and_finetune(
         dense,

@@ -15,7 +15,7 @@ from typing import Any
 
 from compressor.certify.global_bound import GlobalCertificate
 from compressor.evaluate import SuiteResult
-from compressor.finetune.distill import FinetuneStats
+from compressor.finetune.common import FinetuneStats
 from compressor.policy.model import Policy
 
 #: relative slack for comparing certificates computed in floating point
