@@ -29,7 +29,7 @@ from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress
 from compressor.core.threat import ThreatModel
 from compressor.evaluate import EvalResult, SuiteResult, evaluate, evaluate_suite
-from compressor.finetune.distill import FinetuneStats
+from compressor.finetune import FinetuneStats
 from compressor.policy.loading import LoadedPolicy, load_policy, save_loaded
 from compressor.policy.model import Policy
 from compressor.prune.criteria import prune

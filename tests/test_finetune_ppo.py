@@ -12,15 +12,11 @@ import pytest
 import torch
 
 from compressor.certify.global_bound import certify_global
-from compressor.core.config import load_profile
+from compressor.core.config import FinetuneConfig, load_profile
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
-from compressor.finetune.distill import (
-    FinetuneConfig,
-    finetune_candidate,
-    finetune_total_steps,
-    smoothness_penalty,
-)
+from compressor.finetune import FinetuneInputs, finetune_candidate, finetune_total_steps
+from compressor.finetune.common import smoothness_penalty
 from compressor.finetune.ppo import learn_critic, ppo_finetune, ppo_total_steps
 from compressor.policy.loading import LoadedPolicy, load_policy
 from compressor.policy.model import Policy
@@ -206,19 +202,10 @@ def test_finetune_candidate_runs_both_methods_in_turn(cartpole: LoadedPolicy) ->
     cfg = _cfg(method="distill+ppo", steps=40, dagger_rounds=1, ppo_steps=512)
     student = prune(dense, 0.7)
     seen: list[int] = []
-    stats = finetune_candidate(
-        student,
-        dense,
-        states,
-        ThreatModel(0.1),
-        cfg,
-        lambda pol: states[:50],
-        cartpole.critic,
-        CARTPOLE,
-        {},
-        seed=0,
-        on_step=seen.append,
+    inputs = FinetuneInputs(
+        dense, states, ThreatModel(0.1), lambda pol: states[:50], cartpole.critic, CARTPOLE, {}
     )
+    stats = finetune_candidate(student, inputs, cfg, on_step=seen.append)
     assert seen == list(range(finetune_total_steps(cfg))) == list(range(40 + 16))
     assert (stats.method, stats.steps, stats.ppo_env_steps) == ("distill+ppo", 56, 512)
     assert stats.to_dict()["critic"] == "loaded"

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from compressor.certify.global_bound import certify_global
+from compressor.core.config import FinetuneConfig
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
-from compressor.finetune.distill import FinetuneConfig, distill
+from compressor.finetune.distill import distill
 from compressor.policy.native import load_native, save_policy
 from compressor.prune.criteria import prune
 from conftest import make_policy

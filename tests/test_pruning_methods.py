@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from compressor.certify.global_bound import certify_global
-from compressor.core.config import load_profile
+from compressor.core.config import FinetuneConfig, load_profile
 from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd
 from compressor.core.stats import summarize_returns
 from compressor.core.threat import ThreatModel
 from compressor.deploy.export import export_onnx
 from compressor.evaluate import EvalResult, SuiteResult
-from compressor.finetune.distill import FinetuneConfig, distill
+from compressor.finetune.distill import distill
 from compressor.policy.model import Policy
 from compressor.policy.native import load_native, save_policy
 from compressor.prune.criteria import PRUNE_METHODS, neuron_scores, prune

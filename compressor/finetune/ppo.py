@@ -6,13 +6,13 @@ PPO (:mod:`compressor.rl.ppo`: the same rollouts, GAE and clipped-surrogate upda
 student, with three differences:
 
 - the masks stay fixed: the policy computes with ``W ⊙ M``, and after every optimiser step the
-  pruned weights are zeroed again (:func:`~compressor.finetune.distill.constrain_`), so they are
+  pruned weights are zeroed again (:func:`~compressor.finetune.common.constrain_`), so they are
   exactly zero even when Adam's momentum would move them (weights micro-pruning cuts mid-way);
   biases are not pruned;
 - the observation normalisation is frozen (it is a buffer, never updated here), so the exported
   policy normalises exactly as the dense one does and ε means the same thing for both;
 - SA-PPO's smoothness regulariser (``cfg.smoothness_weight``, the one in
-  :func:`~compressor.finetune.distill.smoothness_penalty`) is added to the loss, when a threat
+  :func:`~compressor.finetune.common.smoothness_penalty`) is added to the loss, when a threat
   is given.
 
 The value function starts from (a copy of) the critic saved with the dense policy. A file
@@ -26,20 +26,25 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from compressor.core.config import FinetuneConfig
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
-from compressor.finetune.distill import (
-    FinetuneConfig,
+from compressor.finetune.common import (
+    PROBE_STATES,
     FinetuneStats,
-    constrain_,
-    smoothness_penalty,
+    StepCounter,
+    StepHook,
+    mean_divergence,
+    probe_states,
+    projection,
+    smoothness_term,
 )
 from compressor.policy.model import Policy
 from compressor.policy.value import ValueNet
@@ -82,7 +87,7 @@ def ppo_finetune(
     threat: ThreatModel | None,
     cfg: FinetuneConfig,
     seed: int = 0,
-    on_step: Callable[[int], None] | None = None,
+    on_step: StepHook | None = None,
     *,
     states: np.ndarray | None = None,
     step_offset: int = 0,
@@ -106,17 +111,9 @@ def ppo_finetune(
         and after (``loss_start``/``loss_end``); default: those of the first rollout.
     :raises CompressorError: a head PPO cannot train (deterministic or squashed Gaussian).
     """
-    if policy.spec.head not in PPO_HEADS:
-        raise CompressorError(
-            f"PPO fine-tuning needs a {' or '.join(PPO_HEADS)} head, this policy's is "
-            f'{policy.spec.head!r}: use finetune.method = "distill"'
-        )
+    _check_head(policy)
     t0 = time.perf_counter()
-    pcfg = ppo_config(cfg)
-    gaussian = policy.spec.head == "gaussian"
-    bounds = [w.detach().abs().clone() for w in dense.effective_weights()]
-    floor = dense.log_std.detach().clone() if gaussian else None
-    scale = threat.scale(dense) if threat is not None else None
+    tick = StepCounter(on_step, step_offset)
     with torch.random.fork_rng(devices=[]):  # seeded sampling without touching the caller's RNG
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
@@ -127,83 +124,117 @@ def ppo_finetune(
             env_id, env_kwargs, cfg.ppo_num_envs, seed, cfg.ppo_gamma, norm_reward
         )
         try:
-            if critic is not None:
-                vnet, source = copy.deepcopy(critic), "loaded"
-            else:
-                vnet, source = learn_critic(dense, stream, cfg, rng), "learned"
+            vnet, source = _starting_critic(dense, critic, stream, cfg, rng)
             critic_steps = stream.step
-
-            def value(obs: torch.Tensor) -> torch.Tensor:
-                return vnet(policy.normalize(obs))  # the student's stats are the dense one's
-
-            params = list(policy.parameters()) + list(vnet.parameters())
-            opt = torch.optim.Adam(params, lr=cfg.ppo_lr, eps=1e-5)
-            count = [step_offset]
-
-            def before() -> None:
-                if on_step is not None:
-                    on_step(count[0])
-                count[0] += 1
-
-            def after() -> None:
-                if cfg.preserve_certificate:
-                    constrain_(policy, bounds, floor)
-                else:
-                    constrain_(policy, None)
-
-            def regulariser(x: torch.Tensor) -> torch.Tensor:
-                assert threat is not None and scale is not None
-                pen = smoothness_penalty(policy, x, threat, scale, cfg.adversarial_steps, g)
-                return cfg.smoothness_weight * pen
-
-            use_reg = threat is not None and cfg.smoothness_weight > 0
-            updates = _updates(cfg.ppo_steps, cfg)
-            probe: torch.Tensor | None = None
-            if states is not None:
-                pick = torch.randint(0, len(states), (min(4096, len(states)),), generator=g)
-                probe = torch.as_tensor(states, dtype=torch.float32)[pick]
-            loss_start = float("nan")
-            returns_start: list[float] = []
-            policy.train()
-            for u in range(updates):
-                opt.param_groups[0]["lr"] = cfg.ppo_lr * (1.0 - u / updates)
-                ro = stream.collect(policy, value, cfg.ppo_num_steps)
-                if u == 0:
-                    returns_start = ro.returns
-                    if probe is None:
-                        probe = ro.obs.reshape(-1, ro.obs.shape[-1])[:4096]
-                    loss_start = _divergence(policy, dense, probe)
-                b = gae_batch(ro, value, cfg.ppo_gamma, cfg.ppo_gae_lambda)
-                ppo_update(
-                    policy,
-                    value,
-                    opt,
-                    params,
-                    b,
-                    pcfg,
-                    rng,
-                    extra_loss=regulariser if use_reg else None,
-                    before_step=before,
-                    after_step=after,
-                )
-            policy.eval()
-            assert probe is not None
-            loss_end = _divergence(policy, dense, probe)
+            x = torch.as_tensor(states, dtype=torch.float32) if states is not None else None
+            probe = probe_states(x, g) if x is not None else None
+            run = _train_student(policy, dense, vnet, stream, threat, cfg, rng, g, tick, probe)
             ppo_steps = stream.step - critic_steps
         finally:
             stream.close()
     return FinetuneStats(
-        loss_start=loss_start,
-        loss_end=loss_end,
-        steps=count[0] - step_offset,
+        loss_start=run.loss_start,
+        loss_end=run.loss_end,
+        steps=tick.steps,
         wall_s=time.perf_counter() - t0,
         method="ppo",
         ppo_env_steps=ppo_steps,
         critic=source,
         critic_env_steps=critic_steps,
-        train_return_start=_mean(returns_start),
-        train_return_end=_mean(ro.returns),
+        train_return_start=_mean(run.returns_start),
+        train_return_end=_mean(run.returns_end),
     )
+
+
+def _check_head(policy: Policy) -> None:
+    """Raise :class:`CompressorError` unless PPO can fine-tune ``policy``'s head.
+
+    :param policy: the policy to fine-tune.
+    """
+    if policy.spec.head not in PPO_HEADS:
+        raise CompressorError(
+            f"PPO fine-tuning needs a {' or '.join(PPO_HEADS)} head, this policy's is "
+            f'{policy.spec.head!r}: use finetune.method = "distill"'
+        )
+
+
+def _starting_critic(
+    dense: Policy,
+    critic: ValueNet | None,
+    stream: RolloutStream,
+    cfg: FinetuneConfig,
+    rng: np.random.Generator,
+) -> tuple[ValueNet, str]:
+    """A copy of the file's critic (``loaded``), or one :func:`learn_critic` fits (``learned``)."""
+    if critic is not None:
+        return copy.deepcopy(critic), "loaded"
+    return learn_critic(dense, stream, cfg, rng), "learned"
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What :func:`_train_student` measured: the divergence from the dense policy before and
+    after, and the returns of the training episodes ended in the first and last rollouts."""
+
+    loss_start: float
+    loss_end: float
+    returns_start: list[float]
+    returns_end: list[float]
+
+
+def _train_student(
+    policy: Policy,
+    dense: Policy,
+    vnet: ValueNet,
+    stream: RolloutStream,
+    threat: ThreatModel | None,
+    cfg: FinetuneConfig,
+    rng: np.random.Generator,
+    g: torch.Generator,
+    tick: StepCounter,
+    probe: torch.Tensor | None,
+) -> _Trained:
+    """The PPO phase: ``cfg.ppo_steps`` env steps of rollouts and clipped-surrogate updates of
+    ``policy`` and ``vnet`` together, the learning rate annealed linearly to 0, the projection
+    after every optimiser step (``probe``: None measures on the first rollout's states)."""
+
+    def value(obs: torch.Tensor) -> torch.Tensor:
+        return vnet(policy.normalize(obs))  # the student's stats are the dense one's
+
+    params = list(policy.parameters()) + list(vnet.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.ppo_lr, eps=1e-5)
+    gaussian = policy.spec.head == "gaussian"
+    project = projection(policy, dense, cfg.preserve_certificate, log_std=gaussian)
+    scale = threat.scale(dense) if threat is not None else None
+    regulariser = smoothness_term(policy, threat, scale, cfg, g)
+    pcfg, updates = ppo_config(cfg), _updates(cfg.ppo_steps, cfg)
+    loss_start = float("nan")
+    returns_start: list[float] = []
+    policy.train()
+    for u in range(updates):
+        opt.param_groups[0]["lr"] = cfg.ppo_lr * (1.0 - u / updates)
+        ro = stream.collect(policy, value, cfg.ppo_num_steps)
+        if u == 0:
+            returns_start = ro.returns
+            if probe is None:
+                probe = ro.obs.reshape(-1, ro.obs.shape[-1])[:PROBE_STATES]
+            loss_start = mean_divergence(policy, dense, probe)
+        b = gae_batch(ro, value, cfg.ppo_gamma, cfg.ppo_gae_lambda)
+        ppo_update(
+            policy,
+            value,
+            opt,
+            params,
+            b,
+            pcfg,
+            rng,
+            extra_loss=regulariser,
+            before_step=tick,
+            after_step=project,
+        )
+    policy.eval()
+    assert probe is not None
+    return _Trained(loss_start, mean_divergence(policy, dense, probe), returns_start, ro.returns)
 
 
 def learn_critic(
@@ -239,11 +270,6 @@ def learn_critic(
                 b = gae_batch(ro, value, cfg.ppo_gamma, 1.0)
         ppo_update(dense, value, opt, params, b, pcfg, rng, value_only=True)
     return vnet
-
-
-def _divergence(policy: Policy, dense: Policy, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(policy.divergence(dense(x), policy(x)).mean())
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -7,8 +7,9 @@ remain and slowly near the target, where each weight matters; the last step is t
 itself, so the schedule ends exactly there. Between steps the fine-tuning repairs the damage,
 so each step removes weights of an already-adapted network.
 
-The schedule only says when and how much; :func:`compressor.prune.criteria.prune` says which weights
-(criterion) and how (mask maker), and :mod:`compressor.finetune.distill` does the training.
+The schedule only says when and how much; :func:`compressor.prune.criteria.prune` says which
+weights (criterion) and how (mask maker), and :func:`compressor.finetune.finetune_candidate`
+does the training.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from compressor.core.errors import CompressorError
-from compressor.finetune.distill import FinetuneStats
+from compressor.finetune.common import FinetuneStats, StepHook
 from compressor.policy.model import Policy
 from compressor.prune.criteria import prune
 
-#: a fine-tuning run on a student, calling the hook (if any) with the global step index
-#: before each optimiser step
-Tuner = Callable[[Policy, Callable[[int], None] | None], FinetuneStats]
+#: a fine-tuning run on a student (:func:`compressor.finetune.finetune_candidate` with its inputs
+#: bound), calling the hook (if any) with the global step index before each optimiser step
+Tuner = Callable[[Policy, StepHook | None], FinetuneStats]
 
 
 def cubic_sparsity(k: int, n: int, final: float, initial: float = 0.0) -> float:

@@ -19,7 +19,12 @@ from compressor.core.config import FinetuneConfig, Profile
 from compressor.core.progress import Progress, no_progress, shifted
 from compressor.core.threat import ThreatModel
 from compressor.evaluate import SuiteResult, evaluate, evaluate_suite
-from compressor.finetune.distill import FinetuneStats, finetune_candidate, finetune_total_steps
+from compressor.finetune import (
+    FinetuneInputs,
+    FinetuneStats,
+    finetune_candidate,
+    finetune_total_steps,
+)
 from compressor.policy.model import Policy
 from compressor.policy.value import ValueNet
 from compressor.prune.schedule import MicroSchedule, prune_and_finetune
@@ -211,21 +216,11 @@ def prune_candidate(
     :param cfg: fine-tuning settings (default: the profile's). :param critic: a value net.
     """
     ft_cfg = cfg or finetune_config(prof)
+    env_id, env_kwargs, seed = prof.env.id, dict(prof.env.kwargs), prof.finetune.state_seed
+    inputs = FinetuneInputs(dense, states, threat, collect, critic, env_id, env_kwargs, seed=seed)
 
     def tune(pol: Policy, hook: Callable[[int], None] | None) -> FinetuneStats:
-        return finetune_candidate(
-            pol,
-            dense,
-            states,
-            threat,
-            ft_cfg,
-            collect,
-            critic,
-            prof.env.id,
-            dict(prof.env.kwargs),
-            seed=prof.finetune.state_seed,
-            on_step=hook,
-        )
+        return finetune_candidate(pol, inputs, ft_cfg, on_step=hook)
 
     return prune_and_finetune(
         dense,
