@@ -701,100 +701,45 @@ def quantize(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantise an export, re-certify it on its own weights, re-evaluate it in onnxruntime."""
-    import tempfile
-
-    from compressor.attacks import ATTACKS, NEEDS_CRITIC, TRAINED
-    from compressor.core.config import load_target
     from compressor.core.threat import ThreatModel
-    from compressor.deploy.export import export_onnx
-    from compressor.deploy.quantize import OnnxActor, evaluate_onnx, quantize_model
-    from compressor.rl.rollout import rollout
+    from compressor.deploy.quantize import quantize_policy, transfer_attacks
 
     _setup_torch()
     if episodes < 0:
         raise CompressorError("--episodes must be 0 or more")
-    cheap = [n for n in ATTACKS if n not in (*TRAINED, *NEEDS_CRITIC)]
-    names = [] if attack_name == "none" else cheap if attack_name == "all" else [attack_name]
-    for n in names:
-        if n not in cheap:
-            raise CompressorError(
-                f"unknown transfer attack {n!r}; available: {', '.join(cheap)}, all, none"
-            )
+    names = transfer_attacks(attack_name)
     loaded = _load(src, env)
     pol = loaded.policy.eval()
-    tgt = load_target(target)
-    with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
-        needs_env = episodes > 0 or mode == "qdq"
-        if needs_env or eps is None:
-            prof, threat = _settings(loaded, profile, env, eps, norm, space)
-        else:  # certificate only, at the given ε: no environment needed
-            prof, threat = None, ThreatModel(eps, norm or "inf", space or "normalized")
-        fp32_path = fp32
-        if fp32_path is None:
-            meta = {
-                "target": tgt.name,
-                "eps": str(threat.eps),
-                "norm": threat.norm,
-                "eps_space": threat.space,
-            }
-            fp32_path = export_onnx(
-                pol, Path(tmp) / "fp32.onnx", metadata=meta, opset=tgt.opset
-            ).path
-        calib = None
-        env_kwargs: dict[str, Any] = {}
-        if prof is not None:
-            env_kwargs = dict(prof.env.kwargs or pol.spec.env_kwargs)
-            if mode == "qdq":
-                # calibrate on states the policy visits, on seeds apart from the evaluation's
-                f = prof.finetune
-                seeds = list(range(f.state_seed, f.state_seed + max(episodes, 3)))
-                calib = rollout(pol, prof.env.id, env_kwargs, seeds, record_states=True).states
-        res = quantize_model(
-            pol, fp32_path, output, mode, calib, threat=threat, quantize_first_layer=first_layer
-        )
-        data: dict[str, Any] = res.to_dict()
-        evals: dict[str, Any] = {}
-        if episodes > 0 and prof is not None:
-            seeds = list(range(prof.evaluation.seed, prof.evaluation.seed + episodes))
-            kw = dict(attacks=names, threat=threat, num_envs=prof.evaluation.num_envs)
-            evals["quantized"] = evaluate_onnx(
-                OnnxActor(output), prof.env.id, env_kwargs, seeds, surrogate=res.dequantized, **kw
-            )
-            evals["fp32"] = evaluate_onnx(
-                OnnxActor(fp32_path), prof.env.id, env_kwargs, seeds, surrogate=pol, **kw
-            )
-            data["evaluation"] = {k: v.to_dict() for k, v in evals.items()}
-    cert = res.certificate
-    fp = cert.get("fp32_for_comparison", {})
+    if episodes > 0 or mode in ("qdq", "static") or eps is None:
+        prof, threat = _settings(loaded, profile, env, eps, norm, space)
+    else:  # certificate only, at the given ε: no environment needed
+        prof, threat = None, ThreatModel(eps, norm or "inf", space or "normalized")
+    env_run: dict[str, Any] = {}
+    if prof is not None:
+        ev, state_seed = prof.evaluation, prof.finetune.state_seed
+        env_run = {
+            "env_id": prof.env.id,
+            "env_kwargs": dict(prof.env.kwargs or pol.spec.env_kwargs),
+            "eval_seeds": range(ev.seed, ev.seed + episodes),
+            "num_envs": ev.num_envs,
+            # calibrate on states the policy visits, on seeds apart from the evaluation's
+            "calibration_seeds": range(state_seed, state_seed + max(episodes, 3)),
+        }
+    report = quantize_policy(
+        pol,
+        output,
+        mode,
+        threat=threat,
+        fp32=fp32,
+        target=target,
+        attacks=names,
+        quantize_first_layer=first_layer,
+        **env_run,
+    )
     t = Table("", "quantised", "fp32")
-    t.add_row(
-        "mode / file bytes", f"{res.mode} / {res.file_bytes}", f"fp32 / {res.fp32_file_bytes}"
-    )
-    t.add_row("max |Δaction| vs torch fp32 (batch 1)", f"{res.parity_max_abs_err:.2e}", "–")
-    t.add_row(
-        f"certified shift per ε ({cert['shift_name']})",
-        f"{cert['lipschitz']:.4g}",
-        f"{fp.get('lipschitz', float('nan')):.4g}",
-    )
-    t.add_row("additive shift from activation rounding", f"{cert['additive']:.4g}", "0")
-
-    def radius(c: dict[str, Any]) -> str:
-        if c.get("radius_unbounded"):
-            return "unbounded"
-        return "–" if c.get("certified_radius") is None else f"{c['certified_radius']:.4g}"
-
-    t.add_row(f"certified radius (TV ≤ {cert['tau']})", radius(cert), radius(fp))
-    for name in (["clean"] + names) if evals else []:
-        q, f_ = (
-            evals[k].clean if name == "clean" else evals[k].attacks[name]
-            for k in ("quantized", "fp32")
-        )
-        t.add_row(
-            f"return, {name}{' (transfer)' if name != 'clean' else ''}, {episodes} ep",
-            f"{q.stats.mean:.1f}",
-            f"{f_.stats.mean:.1f}",
-        )
-    _emit(data, as_json, t)
+    for row in report.summary_rows():
+        t.add_row(*row)
+    _emit(report.to_dict(), as_json, t)
 
 
 @app.command(rich_help_panel=PANEL_POLICIES)
