@@ -710,7 +710,7 @@ def quantize(
     names = transfer_attacks(attack_name)
     loaded = _load(src, env)
     pol = loaded.policy.eval()
-    if episodes > 0 or mode in ("qdq", "static") or eps is None:
+    if episodes > 0 or mode == "qdq" or eps is None:
         prof, threat = _settings(loaded, profile, env, eps, norm, space)
     else:  # certificate only, at the given ε: no environment needed
         prof, threat = None, ThreatModel(eps, norm or "inf", space or "normalized")
@@ -722,8 +722,10 @@ def quantize(
             "env_kwargs": dict(prof.env.kwargs or pol.spec.env_kwargs),
             "eval_seeds": range(ev.seed, ev.seed + episodes),
             "num_envs": ev.num_envs,
-            # calibrate on states the policy visits, on seeds apart from the evaluation's
-            "calibration_seeds": range(state_seed, state_seed + max(episodes, 3)),
+            # qdq calibrates on states the policy visits, on seeds apart from the evaluation's
+            "calibration_seeds": range(state_seed, state_seed + max(episodes, 3))
+            if mode == "qdq"
+            else (),
         }
     report = quantize_policy(
         pol,

@@ -31,16 +31,24 @@ def transfer_attacks(spec: str = "all") -> list[str]:
     :param spec: ``all``, ``none`` or one attack name.
     :raises CompressorError: a name that is not such an attack.
     """
+    cheap = _transfer_capable()
+    names = [] if spec == "none" else cheap if spec == "all" else [spec]
+    _check_transfer(names, cheap)
+    return names
+
+
+def _transfer_capable() -> list[str]:
     from compressor.attacks import ATTACKS, NEEDS_CRITIC, TRAINED
 
-    cheap = [n for n in ATTACKS if n not in (*TRAINED, *NEEDS_CRITIC)]
-    names = [] if spec == "none" else cheap if spec == "all" else [spec]
+    return [n for n in ATTACKS if n not in (*TRAINED, *NEEDS_CRITIC)]
+
+
+def _check_transfer(names: Sequence[str], cheap: list[str]) -> None:
     for n in names:
         if n not in cheap:
             raise CompressorError(
                 f"unknown transfer attack {n!r}; available: {', '.join(cheap)}, all, none"
             )
-    return names
 
 
 @dataclass(frozen=True)
@@ -138,8 +146,7 @@ def quantize_policy(
         file that cannot be quantised or certified.
     """
     names = tuple(attacks)
-    for n in names:
-        transfer_attacks(n)
+    _check_transfer(names, _transfer_capable())
     if (eval_seeds or calibration_seeds) and not env_id:
         raise CompressorError("evaluation and calibration seeds need an environment: pass env_id")
     tgt = load_target(target) if isinstance(target, str) else target
