@@ -292,11 +292,8 @@ def evaluate_suite(
     if executor is not None and executor.workers > 1 and len(names) > 1:
         if on_stage:
             on_stage(f"{', '.join(names)} on {executor.workers} workers")
-        jobs = [
-            (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs, base)
-            + (surrogate, max_steps)
-            for n in names
-        ]
+        args = (threat, attack_seed, num_envs, base, surrogate, max_steps)
+        jobs = [(policy, env_id, env_kwargs, seeds, n, *args) for n in names]
         done = dict(zip(names, executor.map(_suite_job, jobs), strict=True))
     else:
         for n in names:
