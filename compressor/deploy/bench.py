@@ -258,7 +258,6 @@ def bench_model(
         torch.set_num_threads(old_threads)
 
     meta = read_metadata(path)
-    quant = json.loads(meta["quantization"]) if "quantization" in meta else None
     budget = tgt.latency_budget_ms
     return BenchResult(
         model=str(path),
@@ -273,7 +272,7 @@ def bench_model(
         flops=cost["flops"],
         layer_shapes=cost["layer_shapes"],
         weight_storage=cost["weight_storage"],
-        quantization=quant,
+        quantization=json.loads(meta["quantization"]) if "quantization" in meta else None,
         onnx=onnx_stats,
         torch=torch_stats,
         latency_budget_ms=budget,
