@@ -4,15 +4,16 @@ Variants of ``profiles/hopper.pt`` (11→256→256→3, tanh, Gaussian):
 
 - ``dense``: the policy as shipped;
 - ``unstructured``: magnitude pruning at 0.775 (``prune.criteria.prune``), no fine-tuning;
-- ``structured``: the weakest 70 % of each hidden layer's neurons cut
-  (``compressor.deploy.bench.structured_prune``), no fine-tuning: export removes them physically;
+- ``structured``: 90 % of the weights cut as whole hidden neurons
+  (``prune.criteria.prune(dense, 0.9, "structured")``, the Hopper profile's method and global
+  scope), no fine-tuning: export removes the neurons physically;
 - ``int8`` / ``qdq`` / ``fp16`` / ``int8w``: the dense export quantised
   (``compressor.deploy.quantize.quantize_model``; qdq calibrated on states the dense policy visits).
 
 Fine-tuning is left out on purpose: it changes weights, not shapes, so size and latency are the
 same with or without it, while the returns below show what pruning alone does. Every return is
-measured through onnxruntime (``OnnxActor``), on the same seeds. The claims are the ratio
-columns; absolute microseconds depend on this machine and its load.
+measured through onnxruntime (``compressor.deploy.onnx_actor.OnnxActor``), on the same seeds.
+The claims are the ratio columns; absolute microseconds depend on this machine and its load.
 
 Usage: ``python benchmarks/edge_bench.py [--iters 2000] [--episodes 3] [--max-steps 1000]
 [--target cpu-x86] [--json]``
@@ -33,9 +34,10 @@ import torch
 from compressor.certify.global_bound import certify_global
 from compressor.core.config import load_target
 from compressor.core.threat import ThreatModel
-from compressor.deploy.bench import bench_model, structured_prune
+from compressor.deploy.bench import bench_model
 from compressor.deploy.export import export_onnx
-from compressor.deploy.quantize import OnnxActor, quantize_model
+from compressor.deploy.onnx_actor import OnnxActor
+from compressor.deploy.quantize import quantize_model
 from compressor.policy.model import Policy
 from compressor.policy.native import load_native
 from compressor.prune.criteria import prune
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_policies: dict[str, Policy] = {
             "dense": dense,
             "unstructured": prune(dense, 0.775, "magnitude"),
-            "structured": structured_prune(dense, 0.7),
+            "structured": prune(dense, 0.9, "structured"),
         }
         files: dict[str, Path] = {}
         certs: dict[str, float | None] = {}

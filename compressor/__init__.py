@@ -29,6 +29,8 @@ _API = {
     "run_pipeline": "compressor.run.pipeline",
     "export_onnx": "compressor.deploy.export",
     "bench_model": "compressor.deploy.bench",
+    "quantize_policy": "compressor.deploy.quantize",
+    "OnnxActor": "compressor.deploy.onnx_actor",
     "describe": "compressor.policy.loading",
     "load_policy": "compressor.policy.loading",
     "save_loaded": "compressor.policy.loading",

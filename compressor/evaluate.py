@@ -1,7 +1,16 @@
-"""Clean and attacked evaluation of a policy on explicit episode seeds.
+"""Clean and attacked evaluation of any actor on explicit episode seeds: the one suite runner.
 
 Every candidate of a search is evaluated here, on the same seeds (common random numbers), and
 the robust return is the *minimum* mean return over the attack suite.
+
+The actor may be a torch :class:`~compressor.policy.model.Policy` or anything else that acts,
+e.g. an exported model run by onnxruntime (:class:`compressor.deploy.onnx_actor.OnnxActor`).
+Attacks differentiate a torch policy: the actor itself by default, or a ``surrogate`` (for an
+ONNX model, the torch policy with the file's own weights). With a surrogate the attack is a
+*transfer* attack: it perturbs using the surrogate's gradients and the actor acts on what the
+attack returns. A white-box attack on the actor could do better, so the attacked return is an
+upper bound on the worst case, like every empirical attack. ``mean_tv`` is measured on the
+actor's own action distribution, so it is None for an actor that is not a torch policy.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import numpy as np
 import torch
 
 from compressor.attacks import AttackContext, make_attack
+from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress
 from compressor.core.stats import ReturnStats, summarize_returns
@@ -152,6 +162,7 @@ def evaluate(
     num_envs: int = 16,
     record_states: bool = False,
     progress: Progress | None = None,
+    max_steps: int | None = None,
 ) -> tuple[EvalResult, RolloutResult]:
     """Clean evaluation with deterministic actions.
 
@@ -161,6 +172,7 @@ def evaluate(
     :param num_envs: parallel sub-envs.
     :param record_states: also return the visited states.
     :param progress: told the finished episode count.
+    :param max_steps: truncate episodes after this many steps (None: the env's own limit).
     """
     res = rollout(
         policy,
@@ -169,14 +181,27 @@ def evaluate(
         seeds,
         num_envs=num_envs,
         record_states=record_states,
+        max_steps=max_steps,
         progress=progress,
     )
     stats = summarize_returns(res.returns)
     return EvalResult("clean", stats, None, res.steps, res.wall_s), res
 
 
+def _victim(policy: Actor, surrogate: Policy | None) -> Policy:
+    """The torch policy an attack differentiates: the surrogate, else the actor itself."""
+    if surrogate is not None:
+        return surrogate
+    if not isinstance(policy, Policy):
+        raise CompressorError(
+            f"attacking a {type(policy).__name__} needs a torch surrogate policy to compute "
+            "the perturbations on: pass surrogate= (for an ONNX model, its dequantised policy)"
+        )
+    return policy
+
+
 def evaluate_attack(
-    policy: Policy,
+    policy: Actor,
     env_id: str,
     env_kwargs: dict,
     seeds: list[int],
@@ -187,24 +212,40 @@ def evaluate_attack(
     num_envs: int = 16,
     progress: Progress | None = None,
     context: AttackContext | None = None,
+    surrogate: Policy | None = None,
+    max_steps: int | None = None,
 ) -> EvalResult:
     """Evaluation under one attack (deterministic actions, true dynamics and rewards).
 
+    :param policy: the actor evaluated: a torch policy, or any
+        :class:`~compressor.rl.rollout.Actor` when ``surrogate`` is given.
     :param attack_name: a name from :data:`compressor.attacks.ATTACKS`.
     :param threat: ε, norm and space of the attack.
     :param attack_seed: seed of the attack's own randomness.
     :param context: what the attack may use beyond policy, threat and seed (critic, training
         budget, save and warm-start folders); default: just those three.
+    :param surrogate: torch policy the attack differentiates instead of ``policy`` (a transfer
+        attack; see the module docstring).
+    :param max_steps: truncate episodes after this many steps (None: the env's own limit).
+    :raises CompressorError: ``policy`` is not a torch policy and no surrogate is given.
     """
-    ctx = context or AttackContext(policy, threat, attack_seed)
+    ctx = context or AttackContext(_victim(policy, surrogate), threat, attack_seed)
     if not ctx.env_id:
         ctx = dataclasses.replace(ctx, env_id=env_id, env_kwargs=dict(env_kwargs))
     attack = make_attack(attack_name, ctx)
-    meter = _TVMeter(policy, attack.perturb)
+    # TV is a property of the actor's own action distribution: none without one
+    meter = _TVMeter(policy, attack.perturb) if isinstance(policy, Policy) else None
     res = rollout(
-        policy, env_id, env_kwargs, seeds, num_envs=num_envs, perturb=meter, progress=progress
+        policy,
+        env_id,
+        env_kwargs,
+        seeds,
+        num_envs=num_envs,
+        perturb=attack.perturb if meter is None else meter,
+        max_steps=max_steps,
+        progress=progress,
     )
-    tv = meter.tv_sum / max(meter.count, 1)
+    tv = None if meter is None else meter.tv_sum / max(meter.count, 1)
     info = dict(getattr(attack, "info", {}) or {})
     return EvalResult(
         attack_name, summarize_returns(res.returns), tv, res.steps, res.wall_s, info or None
@@ -212,7 +253,7 @@ def evaluate_attack(
 
 
 def evaluate_suite(
-    policy: Policy,
+    policy: Actor,
     env_id: str,
     env_kwargs: dict,
     seeds: list[int],
@@ -225,26 +266,35 @@ def evaluate_suite(
     progress: Progress | None = None,
     executor: Executor | None = None,
     context: AttackContext | None = None,
+    surrogate: Policy | None = None,
+    max_steps: int | None = None,
 ) -> SuiteResult:
     """Clean evaluation plus every attack of the suite, all on the same seeds.
 
+    :param policy: the actor evaluated: a torch policy, or any
+        :class:`~compressor.rl.rollout.Actor` (an onnxruntime model) when ``surrogate`` is
+        given or ``attacks`` is empty.
     :param clean: a clean evaluation already made on these seeds (reused, not recomputed).
     :param progress: told how many of the suite's evaluations are done, naming the next.
     :param executor: runs the evaluations side by side (one job per attack, each with its own
         seeds, so the numbers are those of the serial run); None or one worker: in turn.
     :param context: critic, training budget, save and warm-start folders for the attacks (its
         ``trained`` cache is common to a serial suite: MAD+RS reuses RS's ``Q``).
+    :param surrogate: torch policy the attacks differentiate instead of ``policy`` (transfer
+        attacks; see the module docstring).
+    :param max_steps: truncate episodes after this many steps (None: the env's own limit).
+    :raises CompressorError: attacks on an actor that is not a torch policy, without surrogate.
     """
-    base = context or AttackContext(policy, threat, attack_seed, env_id=env_id)
+    base = context
+    if base is None and attacks:
+        base = AttackContext(_victim(policy, surrogate), threat, attack_seed, env_id=env_id)
     names = list(attacks) if clean is not None else ["clean", *attacks]
     report = progress or no_progress
     done: dict[str, EvalResult] = {}
     if executor is not None and executor.workers > 1 and len(names) > 1:
         report(0, len(names), f"{', '.join(names)} on {executor.workers} workers")
-        jobs = [
-            (policy, env_id, env_kwargs, seeds, n, threat, attack_seed, num_envs, base)
-            for n in names
-        ]
+        args = (threat, attack_seed, num_envs, base, surrogate, max_steps)
+        jobs = [(policy, env_id, env_kwargs, seeds, n, *args) for n in names]
         done = dict(zip(names, executor.map(_suite_job, jobs), strict=True))
     else:
         for i, n in enumerate(names):
@@ -259,6 +309,8 @@ def evaluate_suite(
                 attack_seed,
                 num_envs,
                 base,  # one suite's attacks share base.trained
+                surrogate,
+                max_steps,
             )
     report(len(names), len(names))
     out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
@@ -267,7 +319,7 @@ def evaluate_suite(
 
 
 def _suite_job(
-    policy: Policy,
+    policy: Actor,
     env_id: str,
     env_kwargs: dict,
     seeds: list[int],
@@ -276,10 +328,15 @@ def _suite_job(
     attack_seed: int,
     num_envs: int,
     context: AttackContext | None = None,
+    surrogate: Policy | None = None,
+    max_steps: int | None = None,
 ) -> EvalResult:
     """One evaluation of a suite, as an executor job (top level, so it pickles)."""
     if name == "clean":
-        return evaluate(policy, env_id, env_kwargs, seeds, num_envs=num_envs)[0]
+        clean, _ = evaluate(
+            policy, env_id, env_kwargs, seeds, num_envs=num_envs, max_steps=max_steps
+        )
+        return clean
     return evaluate_attack(
         policy,
         env_id,
@@ -290,6 +347,8 @@ def _suite_job(
         attack_seed=attack_seed,
         num_envs=num_envs,
         context=context,
+        surrogate=surrogate,
+        max_steps=max_steps,
     )
 
 

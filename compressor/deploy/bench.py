@@ -28,7 +28,7 @@ import torch
 from compressor.core.config import Target, load_target
 from compressor.core.errors import CompressorError
 from compressor.deploy.export import load_onnx_session, read_metadata
-from compressor.deploy.quantize import read_quantized
+from compressor.deploy.quantize.graph import read_quantized
 from compressor.policy.model import Policy
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "LatencyStats",
     "bench_model",
     "model_cost",
-    "structured_prune",
 ]
 
 BLOCKS = 10  # interleaved onnxruntime / torch blocks per batch size
@@ -233,15 +232,7 @@ def bench_model(
         raise CompressorError("iters must be at least 1 and warmup at least 0")
     path = Path(onnx_path)
     cost = model_cost(path)
-    providers, fallback = _providers(tgt, allow_fallback)
-    session = load_onnx_session(path, providers, threads=tgt.threads)
-    used = list(session.get_providers())
-    dropped = [p for p in providers if p not in used]
-    if dropped:
-        note = f"session did not use {', '.join(dropped)}; it runs on {', '.join(used)}"
-        if not allow_fallback:
-            raise CompressorError(f"target {tgt.name!r}: {note}")
-        fallback = f"{fallback}; {note}" if fallback else note
+    session, used, fallback = _session(path, tgt, allow_fallback)
     inp = session.get_inputs()[0]
     obs_dim = int(inp.shape[1])
     if policy is not None and policy.spec.obs_dim != obs_dim:
@@ -259,29 +250,7 @@ def bench_model(
     try:
         for b in sizes:
             x = _observations(obs_dim, b, policy, seed)
-            feed = {inp.name: x}
-            xt = torch.as_tensor(x)
-            for _ in range(warmup):
-                session.run(None, feed)
-            if policy is not None:
-                with torch.no_grad():
-                    for _ in range(warmup):
-                        policy.act(xt)
-            ort_ns: list[int] = []
-            torch_ns: list[int] = []
-            block = -(-iters // BLOCKS)
-            while len(ort_ns) < iters:
-                n = min(block, iters - len(ort_ns))
-                for _ in range(n):
-                    t0 = time.perf_counter_ns()
-                    session.run(None, feed)
-                    ort_ns.append(time.perf_counter_ns() - t0)
-                if policy is not None:
-                    with torch.no_grad():
-                        for _ in range(n):
-                            t0 = time.perf_counter_ns()
-                            policy.act(xt)
-                            torch_ns.append(time.perf_counter_ns() - t0)
+            ort_ns, torch_ns = _time_interleaved(session, inp.name, x, policy, warmup, iters)
             onnx_stats[b] = LatencyStats.from_ns(b, ort_ns)
             if torch_ns:
                 torch_stats[b] = LatencyStats.from_ns(b, torch_ns)
@@ -289,7 +258,6 @@ def bench_model(
         torch.set_num_threads(old_threads)
 
     meta = read_metadata(path)
-    quant = json.loads(meta["quantization"]) if "quantization" in meta else None
     budget = tgt.latency_budget_ms
     return BenchResult(
         model=str(path),
@@ -304,7 +272,7 @@ def bench_model(
         flops=cost["flops"],
         layer_shapes=cost["layer_shapes"],
         weight_storage=cost["weight_storage"],
-        quantization=quant,
+        quantization=json.loads(meta["quantization"]) if "quantization" in meta else None,
         onnx=onnx_stats,
         torch=torch_stats,
         latency_budget_ms=budget,
@@ -316,29 +284,47 @@ def bench_model(
     )
 
 
-def structured_prune(policy: Policy, fraction: float = 0.7) -> Policy:
-    """A copy of ``policy`` with the weakest ``fraction`` of every hidden layer's neurons cut.
+def _session(path: Path, tgt: Target, allow_fallback: bool) -> tuple[Any, list[str], str | None]:
+    """An onnxruntime session on the target's providers, the providers it really uses, and a
+    note on any fallback (raises on one unless allowed)."""
+    providers, fallback = _providers(tgt, allow_fallback)
+    session = load_onnx_session(path, providers, threads=tgt.threads)
+    used = list(session.get_providers())
+    dropped = [p for p in providers if p not in used]
+    if dropped:
+        note = f"session did not use {', '.join(dropped)}; it runs on {', '.join(used)}"
+        if not allow_fallback:
+            raise CompressorError(f"target {tgt.name!r}: {note}")
+        fallback = f"{fallback}; {note}" if fallback else note
+    return session, used, fallback
 
-    A neuron's strength is the L1 norm of its incoming weights (its row of ``W_i``); a cut
-    neuron loses that row and its outgoing column of ``W_{i+1}``, so export's compaction
-    removes it from the graph and the matmuls shrink. At least one neuron per layer is kept.
-    No fine-tuning: this is for size and latency measurements, not for deployment as is.
 
-    :param policy: the policy (unchanged).
-    :param fraction: fraction of each hidden layer's neurons to cut, in [0, 1).
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise CompressorError(f"fraction must be in [0, 1), got {fraction}")
-    out = policy.clone()
-    masks = [m.clone() for m in out.masks()]
-    weights = out.effective_weights()
-    for i in range(len(weights) - 1):  # hidden layer i: rows of W_i, columns of W_{i+1}
-        strength = weights[i].detach().abs().sum(dim=1)
-        n_cut = min(int(round(fraction * len(strength))), len(strength) - 1)
-        if n_cut == 0:
-            continue
-        cut = torch.argsort(strength, stable=True)[:n_cut]
-        masks[i][cut, :] = 0.0
-        masks[i + 1][:, cut] = 0.0
-    out.set_masks(masks)
-    return out
+def _time_interleaved(
+    session: Any, input_name: str, x: np.ndarray, policy: Policy | None, warmup: int, iters: int
+) -> tuple[list[int], list[int]]:
+    """Per-call nanoseconds of ``session.run`` and of ``policy.act`` (empty without a policy)
+    on the batch ``x``, after warm-up, in :data:`BLOCKS` interleaved blocks of each."""
+    feed = {input_name: x}
+    xt = torch.as_tensor(x)
+    for _ in range(warmup):
+        session.run(None, feed)
+    if policy is not None:
+        with torch.no_grad():
+            for _ in range(warmup):
+                policy.act(xt)
+    ort_ns: list[int] = []
+    torch_ns: list[int] = []
+    block = -(-iters // BLOCKS)
+    while len(ort_ns) < iters:
+        n = min(block, iters - len(ort_ns))
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            session.run(None, feed)
+            ort_ns.append(time.perf_counter_ns() - t0)
+        if policy is not None:
+            with torch.no_grad():
+                for _ in range(n):
+                    t0 = time.perf_counter_ns()
+                    policy.act(xt)
+                    torch_ns.append(time.perf_counter_ns() - t0)
+    return ort_ns, torch_ns

@@ -1,0 +1,202 @@
+"""Deployment: ``export`` one ONNX graph, ``bench`` it on a target, ``quantize`` it (and
+re-certify and re-evaluate the quantised file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from compressor.cli.common import (
+    PANEL_STAGES,
+    EnvOpt,
+    EpsOpt,
+    JsonOpt,
+    NormOpt,
+    ProfileOpt,
+    SpaceOpt,
+    app,
+    emit,
+    err,
+    note,
+    setup_torch,
+)
+from compressor.core.errors import CompressorError
+
+
+def _load(src: str, env: str | None = None) -> Any:
+    from compressor.api import load
+
+    return load(src, env_id=env, note=note)
+
+
+def _settings(
+    loaded: Any,
+    profile: str | None,
+    env: str | None,
+    eps: float | None,
+    norm: str | None,
+    space: str | None,
+) -> tuple[Any, Any]:
+    """(profile, threat) for a deployment command: explicit options override the profile."""
+    from compressor.run.settings import resolve_settings
+
+    s = resolve_settings(
+        loaded.policy, profile, env_id=env, eps=eps, norm=norm, space=space, note=note
+    )
+    return s.profile, s.threat
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def export(
+    src: Annotated[str, typer.Argument(help="Policy file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
+    target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    sparse_storage: Annotated[
+        bool | None,
+        typer.Option(
+            "--sparse-storage/--dense-storage",
+            help="Store sparse weights as bitmask + values (default: the target's setting).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one ONNX graph (normalise, clip, MLP, deterministic action, action clip)."""
+    import dataclasses
+
+    from compressor.core.config import load_target
+    from compressor.deploy.export import export_onnx
+
+    loaded = _load(src)
+    tgt = load_target(target)
+    res = export_onnx(
+        loaded.policy.eval(),
+        output,
+        metadata={"target": tgt.name},
+        opset=tgt.opset,
+        sparse_storage=tgt.sparse_storage if sparse_storage is None else sparse_storage,
+    )
+    data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(res).items()}
+    data["weight_storage_note"] = res.weight_storage_note
+    emit(data, as_json, None)
+
+
+# ---- policies ---------------------------------------------------------------------------------
+@app.command(rich_help_panel=PANEL_STAGES)
+def bench(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model (fp32 or quantised).")],
+    target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="Torch policy to time beside it (eager act).")
+    ] = None,
+    iters: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 2000,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per batch size first.")] = 200,
+    allow_fallback: Annotated[
+        bool,
+        typer.Option(
+            "--allow-fallback",
+            help="Run without a provider the target names but onnxruntime lacks (recorded).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency percentiles at batch 1 and the target's batch, providers used, params, FLOPs."""
+    from compressor.deploy.bench import bench_model
+
+    pol = _load(policy).policy.eval() if policy else None
+    res = bench_model(model, target, pol, warmup=warmup, iters=iters, allow_fallback=allow_fallback)
+    if res.fallback:
+        err.print(f"[yellow]fallback:[/yellow] {escape(str(res.fallback))}")
+    t = Table("batch", "p50 ms", "p95 ms", "p99 ms", "torch p50 ms", "onnx ÷ torch")
+    for b, s in res.onnx.items():
+        ts = res.torch.get(b)
+        ratio = res.ratio_to_torch(b)
+        t.add_row(
+            str(b),
+            f"{s.p50_ms:.4f}",
+            f"{s.p95_ms:.4f}",
+            f"{s.p99_ms:.4f}",
+            f"{ts.p50_ms:.4f}" if ts else "–",
+            f"{ratio:.2f}" if ratio is not None else "–",
+        )
+    t.caption = (
+        f"{res.model}: {res.file_bytes} bytes, {res.params} params "
+        f"({res.params_nonzero} non-zero), {res.flops} FLOPs/obs, weights "
+        f"{'/'.join(res.weight_storage)}; target {res.target}, providers used "
+        f"{', '.join(res.providers_used)}, {res.threads} thread(s)"
+    )
+    emit(res.to_dict(), as_json, t)
+
+
+@app.command(rich_help_panel=PANEL_STAGES)
+def quantize(
+    src: Annotated[str, typer.Argument(help="Policy file the model is exported from.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output quantised .onnx file.")],
+    mode: Annotated[
+        str, typer.Option(help="int8 (dynamic), qdq (static, calibrated), fp16 or int8w.")
+    ] = "int8",
+    fp32: Annotated[
+        Path | None, typer.Option("--fp32", help="fp32 export to start from (default: export SRC).")
+    ] = None,
+    target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    episodes: Annotated[
+        int, typer.Option(help="Episodes re-evaluated through onnxruntime (0: skip).")
+    ] = 3,
+    attack_name: Annotated[
+        str, typer.Option("--attack", help="Transfer attack name, 'all' or 'none'.")
+    ] = "all",
+    first_layer: Annotated[
+        bool, typer.Option("--first-layer", help="Also quantise the observation (int8, qdq).")
+    ] = False,
+    eps: EpsOpt = None,
+    norm: NormOpt = None,
+    space: SpaceOpt = None,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantise an export, re-certify it on its own weights, re-evaluate it in onnxruntime."""
+    from compressor.core.threat import ThreatModel
+    from compressor.deploy.quantize import quantize_policy, transfer_attacks
+
+    setup_torch()
+    if episodes < 0:
+        raise CompressorError("--episodes must be 0 or more")
+    names = transfer_attacks(attack_name)
+    loaded = _load(src, env)
+    pol = loaded.policy.eval()
+    if episodes > 0 or mode == "qdq" or eps is None:
+        prof, threat = _settings(loaded, profile, env, eps, norm, space)
+    else:  # certificate only, at the given ε: no environment needed
+        prof, threat = None, ThreatModel(eps, norm or "inf", space or "normalized")
+    env_run: dict[str, Any] = {}
+    if prof is not None:
+        ev, state_seed = prof.evaluation, prof.finetune.state_seed
+        env_run = {
+            "env_id": prof.env.id,
+            "env_kwargs": dict(prof.env.kwargs or pol.spec.env_kwargs),
+            "eval_seeds": range(ev.seed, ev.seed + episodes),
+            "num_envs": ev.num_envs,
+            # qdq calibrates on states the policy visits, on seeds apart from the evaluation's
+            "calibration_seeds": range(state_seed, state_seed + max(episodes, 3))
+            if mode == "qdq"
+            else (),
+        }
+    report = quantize_policy(
+        pol,
+        output,
+        mode,
+        threat=threat,
+        fp32=fp32,
+        target=target,
+        attacks=names,
+        quantize_first_layer=first_layer,
+        **env_run,
+    )
+    t = Table("", "quantised", "fp32")
+    for row in report.summary_rows():
+        t.add_row(*row)
+    emit(report.to_dict(), as_json, t)

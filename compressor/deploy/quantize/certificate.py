@@ -1,0 +1,112 @@
+"""The certificate of a quantised graph, computed from the file's own weights and rounding.
+
+**The fp32 certificate does not cover a quantised model.** The certificate here is computed from
+the file: its int8 (or fp16) initializers and their scales and zero points are read back, a torch
+:class:`~compressor.policy.model.Policy` is rebuilt with those dequantised weights, and
+:func:`~compressor.certify.global_bound.certify_global` runs on it (the *Lipschitz part*).
+Activation rounding is a staircase, not Lipschitz: for ``r(x) = s·(clamp(round(x/s) + z) − z)``,
+``|r(x) − r(y)| ≤ |x − y| + s`` per coordinate (clamp is 1-Lipschitz and
+``|round a − round b| < |a − b| + 1``). Dynamic rounding picks each call's scale from that
+call's range, so nothing saturates and each error is at most half its own step: with scales
+``s_x, s_y`` the change is ``≤ |x − y| + (s_x + s_y)/2 ≤ |x − y| + s_max``, where the largest
+run-time scale ``s_max`` is bounded by interval propagation from the observation clip.
+Each rounding point adds ``|W_L|···|W_k|·slack`` to the output bound, so the certified shift is
+``lipschitz·ε + additive``: a radius exists only where the additive part stays below the
+shift allowed at τ. The bound assumes exact integer accumulation (int32, as ``MatMulInteger``
+and ``QGemm`` specify); on x86 CPUs without VNNI, u8·s8 kernels may saturate int16
+intermediates, so use ``reduce_range=True`` there.
+:attr:`~compressor.deploy.quantize.build.QuantizeResult.simulation_max_abs_err` checks this
+model of the arithmetic against what onnxruntime actually returns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from compressor.certify.global_bound import (
+    DEFAULT_TAU,
+    GAUSSIAN_HEADS,
+    certify_global,
+    output_scale,
+    shift_for_tv,
+    tv_from_shift,
+)
+from compressor.core.threat import ThreatModel
+from compressor.deploy.quantize.graph import QuantGraph
+from compressor.deploy.quantize.simulate import rounding_slack
+from compressor.policy.model import Policy
+
+__all__ = ["certify_quantized"]
+
+
+def certify_quantized(
+    policy: Policy,
+    graph: QuantGraph,
+    threat: ThreatModel,
+    tau: float = DEFAULT_TAU,
+    fp32_policy: Policy | None = None,
+) -> dict[str, Any]:
+    """Certificate of the quantised graph: Lipschitz part on its dequantised weights, plus the
+    additive part from its activation rounding (see the module docstring).
+
+    :param policy: the dequantised policy
+        (:func:`~compressor.deploy.quantize.simulate.dequantized_policy`).
+    :param graph: the graph it was read from.
+    :param threat: ε, norm and space.
+    :param tau: TV threshold of the certified radius.
+    :param fp32_policy: the fp32 policy, whose certificate is added for comparison only.
+    :returns: a JSON-ready dict; ``total`` is the quantised model's certificate.
+    """
+    weights = certify_global(policy, threat, tau)
+    c, details = rounding_slack(graph, policy)
+    additive = _additive_shift(policy, c)
+    shift = weights.lipschitz * threat.eps + additive
+    tv = tv_from_shift(policy.spec.head, shift)
+    radius = _radius(shift_for_tv(policy.spec.head, tau), additive, weights.lipschitz)
+    out: dict[str, Any] = {
+        "covers": "the quantised graph as written: dequantised weights and activation rounding",
+        "head": policy.spec.head,
+        "shift_name": weights.shift_name,
+        "eps": threat.eps,
+        "norm": threat.norm,
+        "space": threat.space,
+        "tau": tau,
+        "lipschitz": weights.lipschitz,
+        "additive": additive,
+        "shift_bound": shift,
+        "tv_bound": None if tv is None else float(tv),
+        "certified_radius": None if radius is None or math.isinf(radius) else radius,
+        "radius_unbounded": radius is not None and math.isinf(radius),
+        "rounding_points": details,
+        "dequantized_weights": weights.to_dict(),
+    }
+    if fp32_policy is not None:
+        out["fp32_for_comparison"] = certify_global(fp32_policy, threat, tau).to_dict()
+    return out
+
+
+def _additive_shift(policy: Policy, c: np.ndarray) -> float:
+    """The head's shift measure of the per-output rounding bound ``c``."""
+    head = policy.spec.head
+    if head in GAUSSIAN_HEADS:
+        d = output_scale(policy).numpy()
+        return float(np.linalg.norm(d * c))
+    if head == "categorical":  # a logit gap moves by at most c_i + c_j
+        big = c[:, None] + c[None, :]
+        np.fill_diagonal(big, 0.0)
+        return float(big.max()) if len(c) > 1 else 0.0
+    return float(np.linalg.norm(c))
+
+
+def _radius(star: float | None, additive: float, lipschitz: float) -> float | None:
+    """Largest ε with ``lipschitz·ε + additive ≤ star`` (None: the head has no such shift)."""
+    if star is None:
+        return None
+    if additive >= star:
+        return 0.0  # rounding alone may already move the action that far
+    if lipschitz == 0.0 or math.isinf(star):
+        return math.inf
+    return (star - additive) / lipschitz
