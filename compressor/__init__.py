@@ -24,6 +24,7 @@ _API = {
     "certify_policy": "compressor.api",
     "prune_policy": "compressor.api",
     "train_policy": "compressor.api",
+    "quantize": "compressor.api",
     "load": "compressor.api",
     "resolve_source": "compressor.api",
     "run_pipeline": "compressor.run.pipeline",

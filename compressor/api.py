@@ -28,6 +28,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress
 from compressor.core.threat import ThreatModel
+from compressor.deploy.quantize import QuantizeReport, quantize_policy, transfer_attacks
 from compressor.evaluate import EvalResult, SuiteResult, evaluate, evaluate_suite
 from compressor.finetune import FinetuneStats
 from compressor.policy.loading import LoadedPolicy, load_policy, save_loaded
@@ -403,3 +404,65 @@ def train_policy(
     stats = {**stats, "eval": res.to_dict()["return"], "command": command or []}
     save_trained(pol, critic, cfg, stats, output)
     return TrainReport(output, res, stats)
+
+
+def quantize(
+    src: Source,
+    output: Path,
+    mode: str = "int8",
+    *,
+    fp32: Path | None = None,
+    target: str = "cpu-x86",
+    episodes: int = 3,
+    attacks: str = "all",
+    first_layer: bool = False,
+    eps: float | None = None,
+    norm: str | None = None,
+    space: str | None = None,
+    profile: str | None = None,
+    env_id: str | None = None,
+    note: Note | None = None,
+) -> QuantizeReport:
+    """``compress quantize``: quantise the policy's ONNX export, re-certify it on its own
+    weights and re-evaluate it (and the fp32 export) in onnxruntime on the profile's seeds.
+
+    :param mode: ``int8``, ``qdq`` (calibrated on visited states, on the fine-tuning seeds),
+        ``fp16`` or ``int8w``. :param fp32: an fp32 export to start from.
+    :param target: deployment target. :param episodes: evaluation episodes (0: none; with an
+        explicit ``eps`` and no calibration the certificate then needs no environment).
+    :param attacks: transfer attacks: a name, ``all`` or ``none``.
+    :param first_layer: also quantise the observation (int8, qdq).
+    :param eps: ε. :param norm: ball norm. :param space: ε units.
+    :param profile: profile name or file. :param env_id: the environment.
+    :param note: receives notes for the user.
+    """
+    if episodes < 0:
+        raise CompressorError("--episodes must be 0 or more")
+    names = transfer_attacks(attacks)
+    loaded = load(src, env_id=env_id, note=note)
+    pol = loaded.policy
+    if episodes == 0 and mode != "qdq" and eps is not None:  # certificate only: no environment
+        threat = ThreatModel(eps, norm or "inf", space or "normalized")
+        return quantize_policy(
+            pol, output, mode, threat=threat, fp32=fp32, target=target, attacks=names,
+            quantize_first_layer=first_layer,
+        )  # fmt: skip
+    s = resolve_settings(pol, profile, env_id=env_id, eps=eps, norm=norm, space=space, note=note)
+    ev, state_seed = s.profile.evaluation, s.profile.finetune.state_seed
+    # qdq calibrates on states the policy visits, on seeds apart from the evaluation's
+    calib = range(state_seed, state_seed + max(episodes, 3)) if mode == "qdq" else range(0)
+    return quantize_policy(
+        pol,
+        output,
+        mode,
+        threat=s.threat,
+        fp32=fp32,
+        target=target,
+        attacks=names,
+        quantize_first_layer=first_layer,
+        env_id=s.env_id,
+        env_kwargs=s.env_kwargs,
+        eval_seeds=range(ev.seed, ev.seed + episodes),
+        calibration_seeds=calib,
+        num_envs=ev.num_envs,
+    )

@@ -24,30 +24,12 @@ from compressor.cli.common import (
     note,
     setup_torch,
 )
-from compressor.core.errors import CompressorError
 
 
-def _load(src: str, env: str | None = None) -> Any:
+def _load(src: str) -> Any:
     from compressor.api import load
 
-    return load(src, env_id=env, note=note)
-
-
-def _settings(
-    loaded: Any,
-    profile: str | None,
-    env: str | None,
-    eps: float | None,
-    norm: str | None,
-    space: str | None,
-) -> tuple[Any, Any]:
-    """(profile, threat) for a deployment command: explicit options override the profile."""
-    from compressor.run.settings import resolve_settings
-
-    s = resolve_settings(
-        loaded.policy, profile, env_id=env, eps=eps, norm=norm, space=space, note=note
-    )
-    return s.profile, s.threat
+    return load(src, note=note)
 
 
 @app.command(rich_help_panel=PANEL_STAGES)
@@ -159,42 +141,24 @@ def quantize(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantise an export, re-certify it on its own weights, re-evaluate it in onnxruntime."""
-    from compressor.core.threat import ThreatModel
-    from compressor.deploy.quantize import quantize_policy, transfer_attacks
+    from compressor.api import quantize as run_quantize
 
     setup_torch()
-    if episodes < 0:
-        raise CompressorError("--episodes must be 0 or more")
-    names = transfer_attacks(attack_name)
-    loaded = _load(src, env)
-    pol = loaded.policy.eval()
-    if episodes > 0 or mode == "qdq" or eps is None:
-        prof, threat = _settings(loaded, profile, env, eps, norm, space)
-    else:  # certificate only, at the given ε: no environment needed
-        prof, threat = None, ThreatModel(eps, norm or "inf", space or "normalized")
-    env_run: dict[str, Any] = {}
-    if prof is not None:
-        ev, state_seed = prof.evaluation, prof.finetune.state_seed
-        env_run = {
-            "env_id": prof.env.id,
-            "env_kwargs": dict(prof.env.kwargs or pol.spec.env_kwargs),
-            "eval_seeds": range(ev.seed, ev.seed + episodes),
-            "num_envs": ev.num_envs,
-            # qdq calibrates on states the policy visits, on seeds apart from the evaluation's
-            "calibration_seeds": range(state_seed, state_seed + max(episodes, 3))
-            if mode == "qdq"
-            else (),
-        }
-    report = quantize_policy(
-        pol,
+    report = run_quantize(
+        src,
         output,
         mode,
-        threat=threat,
         fp32=fp32,
         target=target,
-        attacks=names,
-        quantize_first_layer=first_layer,
-        **env_run,
+        episodes=episodes,
+        attacks=attack_name,
+        first_layer=first_layer,
+        eps=eps,
+        norm=norm,
+        space=space,
+        profile=profile,
+        env_id=env,
+        note=note,
     )
     t = Table("", "quantised", "fp32")
     for row in report.summary_rows():
