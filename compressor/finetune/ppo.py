@@ -124,7 +124,13 @@ def ppo_finetune(
         # the reward scale a loaded critic was trained in; a learned one is best off scaled
         norm_reward = cfg.ppo_norm_reward if critic is not None else True
         stream = RolloutStream(
-            env_id, env_kwargs, cfg.ppo_num_envs, seed, cfg.ppo_gamma, norm_reward
+            env_id,
+            env_kwargs,
+            cfg.ppo_num_envs,
+            seed,
+            cfg.ppo_gamma,
+            norm_reward,
+            dense.spec.env_wrappers,
         )
         try:
             if critic is not None:

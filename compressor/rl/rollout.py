@@ -118,7 +118,9 @@ def rollout(
     if n_eps == 0:
         raise ValueError("rollout needs at least one seed")
     n = min(num_envs, n_eps)
-    envs = make_vector_env(env_id, env_kwargs, n)
+    # the wrappers the policy was trained behind (a RandomActor has none: it reads no obs)
+    wrappers = getattr(getattr(policy, "spec", None), "env_wrappers", None)
+    envs = make_vector_env(env_id, env_kwargs, n, wrappers)
     t0 = time.perf_counter()
     returns = np.zeros(n_eps)
     lengths = np.zeros(n_eps, dtype=np.int64)

@@ -37,7 +37,7 @@ from compressor.finetune.distill import (
     finetune_total_steps,
 )
 from compressor.policy.loading import LoadedPolicy, load_policy
-from compressor.policy.model import Policy
+from compressor.policy.model import DISCRETE_HEADS, Policy
 from compressor.policy.native import save_policy
 from compressor.policy.value import ValueNet
 from compressor.prune.schedule import MicroSchedule, prune_and_finetune
@@ -136,7 +136,12 @@ def run_pipeline(
     tgt = target or Target()
     env_id, env_kwargs = prof.env.id, _env_kwargs(prof, dense)
     check_policy_fits_env(
-        dense.spec.obs_dim, dense.spec.act_dim, dense.spec.head == "categorical", env_id, env_kwargs
+        dense.spec.obs_dim,
+        dense.spec.act_dim,
+        dense.spec.head in DISCRETE_HEADS,
+        env_id,
+        env_kwargs,
+        dense.spec.env_wrappers,
     )
     threat = ThreatModel(prof.threat.eps, prof.threat.norm, prof.threat.space)
     seeds = prof.seeds()
