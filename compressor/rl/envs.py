@@ -7,6 +7,7 @@ always the one the policy was trained on.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -14,6 +15,31 @@ import numpy as np
 
 from compressor.core.errors import CompressorError
 from compressor.rl.wrappers import apply_wrappers, wrapper_fns
+
+
+def ensure_registered(env_id: str) -> None:
+    """Make ``module:name`` ids buildable everywhere: gymnasium imports ``module`` and looks
+    ``name`` up in its registry; when the module registers nothing under that name but defines a
+    callable ``name`` (an env factory), it is registered with that entry point here, in this
+    process (every env construction calls this, so workers do too). Only ids the user passed
+    reach this: a policy file naming a module is refused at load time.
+
+    :param env_id: a gymnasium id, or ``module:EnvId`` / ``module:factory``.
+    """
+    if ":" not in env_id:
+        return
+    module_name, _, name = env_id.partition(":")
+    if name in gym.registry:
+        return
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ModuleNotFoundError, or the module's own import failing
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CompressorError(
+            f"cannot import {module_name!r} for env {env_id!r}: {detail}"
+        ) from None
+    if name not in gym.registry and callable(getattr(module, name, None)):
+        gym.register(id=name, entry_point=env_id)
 
 
 def make_vector_env(
@@ -33,6 +59,7 @@ def make_vector_env(
     :param autoreset: gymnasium's auto-reset mode (training loops use ``SAME_STEP``).
     """
     fns = wrapper_fns(wrappers)
+    ensure_registered(env_id)
     try:
         return gym.make_vec(
             env_id,
@@ -59,6 +86,7 @@ def make_env(
     :param env_kwargs: keyword arguments for ``gymnasium.make``.
     :param wrappers: the policy's ``spec.env_wrappers``.
     """
+    ensure_registered(env_id)
     try:
         env = gym.make(env_id, **(env_kwargs or {}))
     except gym.error.Error as exc:

@@ -86,6 +86,10 @@ def _time_feature(kwargs: dict[str, Any]) -> WrapperFn:
 WRAPPERS: dict[str, Callable[[dict[str, Any]], WrapperFn]] = {
     "TimeFeatureWrapper": _time_feature,
 }
+#: Keyword arguments each wrapper records in a spec when the source left them at their default.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "TimeFeatureWrapper": {"max_steps": 1000, "test_mode": False}
+}
 #: How other tools name these wrappers (RL Zoo ``config.yml`` ``env_wrapper`` entries).
 ALIASES = {
     "sb3_contrib.common.wrappers.TimeFeatureWrapper": "TimeFeatureWrapper",
@@ -125,3 +129,28 @@ def apply_wrappers(env: gym.Env, wrappers: list[dict[str, Any]] | None) -> gym.E
     for fn in wrapper_fns(wrappers):
         env = fn(env)
     return env
+
+
+def describe_wrappers(wrappers: list[dict[str, Any]] | None) -> list[str]:
+    """One sentence per wrapper saying what it adds to the observation (reports, ONNX metadata:
+    what the robot must feed the exported graph).
+
+    :param wrappers: the spec's wrapper list, or None.
+    """
+    out = []
+    for entry in wrappers or []:
+        if entry.get("name") == "TimeFeatureWrapper":
+            if entry.get("test_mode"):
+                out.append(
+                    "The last observation entry is TimeFeatureWrapper's time feature, "
+                    "constantly 1 (test mode)."
+                )
+            else:
+                out.append(
+                    "The last observation entry is TimeFeatureWrapper's remaining time "
+                    "1 - t/T (t steps since reset, T the episode limit: the env's "
+                    f"max_episode_steps, else {entry.get('max_steps', 1000)}): 1 at reset."
+                )
+        else:
+            out.append(f"Observations pass through {entry.get('name')}.")
+    return out
