@@ -46,6 +46,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "el
 #: How a state-dependent ``log σ`` is brought into ``log_std_bounds``: SB3 clips, CleanRL
 #: maps ``tanh`` of the raw output onto the interval.
 LOG_STD_TRANSFORMS = ("clip", "tanh")
+#: Largest batch :meth:`Policy.act` computes row by row (rollouts step at most a few dozen
+#: envs; larger batches, e.g. of stored states, take the batched matmul).
+ROWWISE_MAX_BATCH = 256
 #: Largest MLP a spec may describe (weights + biases). Edge policies are far smaller; this stops a
 #: corrupt or hostile spec from making us allocate gigabytes before its weights are checked.
 MAX_PARAMETERS = 1 << 27
@@ -231,8 +234,9 @@ class Policy(nn.Module):
         self.act_fn = ACTIVATIONS[spec.activation]()
         for i, layer in enumerate(self.layers):
             self.register_buffer(f"mask{i}", torch.ones_like(layer.weight))
-        self.register_buffer("obs_mean", torch.zeros(spec.obs_dim))
-        self.register_buffer("obs_var", torch.ones(spec.obs_dim))
+        # float64, as SB3's VecNormalize keeps them: see :meth:`normalize`
+        self.register_buffer("obs_mean", torch.zeros(spec.obs_dim, dtype=torch.float64))
+        self.register_buffer("obs_var", torch.ones(spec.obs_dim, dtype=torch.float64))
         if self.std_kind == "parameter":
             self.log_std = nn.Parameter(torch.zeros(spec.act_dim))
         elif self.std_kind == "state":
@@ -297,37 +301,66 @@ class Policy(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def obs_scale(self) -> torch.Tensor:
-        """``sqrt(var + eps)``: one normalised unit in raw observation units (1 if no norm)."""
+        """``sqrt(var + eps)`` (float32): one normalised unit in raw observation units (1 if no
+        norm)."""
         if not self.spec.obs_norm:
-            return torch.ones_like(self.obs_var)
-        return torch.sqrt(self.obs_var + self.spec.obs_eps)
+            return torch.ones_like(self.obs_var, dtype=torch.float32)
+        return torch.sqrt(self.obs_var.to(torch.float32) + self.spec.obs_eps)
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        """Raw observation batch -> the network's input (normalised and clipped)."""
-        z = obs.to(torch.float32)
-        if self.spec.obs_norm:
-            z = (z - self.obs_mean) / self.obs_scale()
+        """Raw observation batch -> the network's input (normalised and clipped, float32).
+
+        float64 observations (MuJoCo's) are normalised in float64 with the float64 statistics,
+        then cast, as SB3's VecNormalize does: the network then sees bit for bit what it saw in
+        SB3 (chaotic tasks such as Walker2d turn a 1e-7 difference into a different episode).
+        Any other dtype is cast to float32 first and normalised in float32 (the exported graph's
+        arithmetic).
+        """
+        if self.spec.obs_norm and obs.dtype == torch.float64:
+            z = (obs - self.obs_mean) / torch.sqrt(self.obs_var + self.spec.obs_eps)
+        else:
+            z = obs.to(torch.float32)
+            if self.spec.obs_norm:
+                z = (z - self.obs_mean.to(torch.float32)) / self.obs_scale()
         if self.spec.obs_clip is not None:
             z = z.clamp(-self.spec.obs_clip, self.spec.obs_clip)
-        return z
+        return z.to(torch.float32)
 
     def _weights(self) -> list[torch.Tensor]:
         frozen = getattr(self, "_frozen", None)
         return frozen if frozen is not None else self.effective_weights()
 
-    def hidden_forward(self, z: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rowwise: bool) -> torch.Tensor:
+        if rowwise and h.dim() == 2 and 1 < h.shape[0] <= ROWWISE_MAX_BATCH:
+            # every row as a batch of one (``nn.Linear`` on one row is this matrix-vector
+            # product): the same kernel, hence the same float32 rounding, whatever else is in
+            # the batch; a batched matmul sums in another order
+            return torch.stack([torch.addmv(b, w, row) for row in h])
+        return nn.functional.linear(h, w, b)
+
+    def hidden_forward(self, z: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
         """Normalised input -> the input of the last layer (the last hidden activation; ``z``
-        itself without hidden layers). The state-dependent ``log_std_layer`` reads it too."""
+        itself without hidden layers). The state-dependent ``log_std_layer`` reads it too.
+
+        :param z: normalised input batch.
+        :param rowwise: compute each row exactly as a batch of one (see :meth:`act`).
+        """
         h = z
         weights = self._weights()
         for w, layer in zip(weights[:-1], list(self.layers)[:-1]):
-            h = self.act_fn(nn.functional.linear(h, w, layer.bias))
+            h = self.act_fn(self._linear(h, w, layer.bias, rowwise))
         return h
 
-    def trunk_forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised input -> head pre-activation (mean, logits, Q-values or raw action)."""
+    def trunk_forward(self, z: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+        """Normalised input -> head pre-activation (mean, logits, Q-values or raw action).
+
+        :param z: normalised input batch.
+        :param rowwise: compute each row exactly as a batch of one (see :meth:`act`).
+        """
         last = self.layers[len(self.layers) - 1]
-        return nn.functional.linear(self.hidden_forward(z), self._weights()[-1], last.bias)
+        h = self.hidden_forward(z, rowwise)
+        return self._linear(h, self._weights()[-1], last.bias, rowwise)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[Policy]:
@@ -386,8 +419,15 @@ class Policy(nn.Module):
         return torch.maximum(torch.minimum(out, self.action_high), self.action_low)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Deterministic action (mean / argmax / tanh-rescale, then clipped to the bounds)."""
-        return self.postprocess(self.forward(obs))
+        """Deterministic action (mean / argmax / tanh-rescale, then clipped to the bounds).
+
+        Batch-invariant (up to :data:`ROWWISE_MAX_BATCH` rows): each row is computed as a batch
+        of one, so an episode's actions do not depend on which episodes run beside it (a batched
+        matmul rounds differently, and chaotic tasks such as Walker2d turn that 1e-7 into
+        another episode), and they are bit for bit those the source library's own ``predict``
+        computes for one observation. Attacks and training use the batched :meth:`forward`.
+        """
+        return self.postprocess(self.trunk_forward(self.normalize(obs), rowwise=True))
 
     def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Stochastic action from the policy's behaviour distribution (post-processed).

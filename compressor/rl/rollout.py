@@ -141,7 +141,9 @@ def rollout(
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             if record_states:
                 states.append(obs[active].astype(np.float32))
-            seen = obs_t
+            # the clean policy sees the env's own dtype: float64 observations are normalised
+            # in float64, as SB3 does (Policy.normalize); attacks work on float32 as before
+            seen = torch.as_tensor(obs) if obs.dtype == np.float64 else obs_t
             if perturb is not None:  # only the running episodes' observations are attacked
                 seen = obs_t.clone()
                 seen[active] = perturb(obs_t[active])

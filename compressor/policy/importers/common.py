@@ -233,8 +233,8 @@ def apply_norm_stats(policy: Policy, stats: NormStats) -> None:
         )
     spec.obs_norm, spec.obs_clip, spec.obs_eps = True, stats.clip_obs, stats.epsilon
     with torch.no_grad():
-        policy.get_buffer("obs_mean").copy_(torch.as_tensor(stats.mean, dtype=torch.float32))
-        policy.get_buffer("obs_var").copy_(torch.as_tensor(stats.var, dtype=torch.float32))
+        policy.get_buffer("obs_mean").copy_(torch.as_tensor(stats.mean, dtype=torch.float64))
+        policy.get_buffer("obs_var").copy_(torch.as_tensor(stats.var, dtype=torch.float64))
 
 
 # ---- weights -------------------------------------------------------------------------------

@@ -104,7 +104,12 @@ def _layout(obj: dict[str, Any], origin: str) -> dict[str, Any]:
             "norm": _norm(actor, "obs_normalizer.", origin),
             "critic": linear_chain(critic, "mlp.", origin) if isinstance(critic, dict) else [],
             "critic_norm": _norm(critic, "obs_normalizer.", origin),
-            "keys": [k for k in actor if not k.startswith(("mlp.", "obs_normalizer."))],
+            "keys": [
+                k
+                for k in actor
+                if not str(k).startswith(("mlp.", "obs_normalizer."))
+                and k not in ("distribution.std_param", "distribution.log_std_param")
+            ],
         }
     model = obj["model_state_dict"]
     if any(str(k).startswith(("student.", "teacher.")) for k in model):
