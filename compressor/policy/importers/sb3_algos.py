@@ -72,7 +72,7 @@ PREFIXES = {
         "value_net.",
         "log_std",
     ),
-    "sac": ("actor.latent_pi.", "actor.mu.", "actor.log_std.", "critic.qf", "critic_target.qf"),
+    "sac": ("actor.latent_pi.", "actor.mu.", "actor.log_std", "critic.qf", "critic_target.qf"),
     "td3": ("actor.mu.", "actor_target.mu.", "critic.qf", "critic_target.qf"),
     "dqn": ("q_net.q_net.", "q_net_target.q_net."),
     "qrdqn": ("quantile_net.quantile_net.", "quantile_net_target.quantile_net."),
