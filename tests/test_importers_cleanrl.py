@@ -134,7 +134,6 @@ def test_td3_and_ddpg(tmp_path: Path, critics: int) -> None:
     spec = loaded.policy.spec
     assert (spec.head, spec.squash) == ("deterministic", True)
     assert loaded.policy.action_map == "tanh_rescale"
-    )
     assert (spec.action_low, spec.action_high) == ([-2.0], [2.0])
     obs = _obs()
     with torch.no_grad():
