@@ -9,8 +9,8 @@ the path from the observation input to the action output must read
     [Clip lo hi | Min hi, Max lo | Tanh [affine] | ArgMax]                   the action
 
 Subgraphs that only combine constants (a transposed weight, ``std + eps``, this tool's bitmask
-weight storage) are folded first with onnx's reference evaluator (standard operators on
-constants). Any other node on the path is refused, naming it. Branches off the path (SB3's value
+weight storage) are folded first, each node run alone in onnxruntime on its constant inputs.
+Any other node on the path is refused, naming it. Branches off the path (SB3's value
 and log-probability outputs, a σ head) are ignored. The metadata this tool writes (``spec``,
 ``action_std``) restores the head, the environment and its wrappers of a policy it exported.
 """
@@ -40,6 +40,9 @@ FORMAT = "onnx"
 MAX_ONNX_BYTES = 1 << 30
 _ACTS = {"Tanh": "tanh", "Relu": "relu", "Elu": "elu"}
 _PASS = ("Identity", "Cast", "Flatten")
+#: Ops whose later inputs are a target shape, computed from the batch size by some exporters
+#: (SB3's Gaussian mean is ``expand``-ed to its own shape): on a [batch, n] tensor, no-ops.
+_SHAPED = ("Expand", "Reshape")
 
 
 def looks_like_onnx(path: Path, magic: bytes) -> bool:
@@ -75,11 +78,33 @@ def _load(path: Path) -> Any:
     return model
 
 
+def _fold(model: Any, node: Any, consts: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of one node whose inputs are all constants, computed by onnxruntime on a graph of
+    that node alone (standard operators on constant tensors; nothing from the file runs)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    inputs = list(dict.fromkeys(i for i in node.input if i))  # Slice may repeat one
+    typed = [
+        helper.make_tensor_value_info(
+            i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), consts[i].shape
+        )
+        for i in inputs
+    ]
+    outputs = [helper.make_empty_tensor_value_info(o) for o in node.output]
+    graph = helper.make_graph([node], "fold", typed, outputs)
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in sess.run(None, {i: consts[i] for i in inputs})]
+
+
 def _constants(model: Any) -> tuple[dict[str, np.ndarray], list[Any]]:
     """Initialisers and ``Constant`` outputs, with every node computed from constants only
     folded in; returns them and the remaining nodes, in graph order."""
-    from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
+    from onnx import numpy_helper
 
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     rest = []
@@ -87,26 +112,14 @@ def _constants(model: Any) -> tuple[dict[str, np.ndarray], list[Any]]:
         inputs = [i for i in node.input if i]
         if node.op_type == "Constant" or (inputs and all(i in consts for i in inputs)):
             try:
-                graph = helper.make_graph(
-                    [node],
-                    "fold",
-                    [
-                        helper.make_tensor_value_info(
-                            i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), consts[i].shape
-                        )
-                        for i in inputs
-                    ],
-                    [helper.make_empty_tensor_value_info(o) for o in node.output],
-                )
-                sub = helper.make_model(graph, opset_imports=list(model.opset_import))
-                outs = ReferenceEvaluator(sub).run(None, {i: consts[i] for i in inputs})
-            except Exception as exc:  # an operator the reference evaluator cannot fold
-                detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                outs = _fold(model, node, consts)
+            except Exception as exc:  # an operator onnxruntime cannot run on these constants
+                detail = str(exc).strip().splitlines()[0][:120] if str(exc) else type(exc).__name__
                 raise CompressorError(
                     f"cannot fold constant node {node.name or node.op_type!r} ({node.op_type}): "
                     f"{detail}"
                 ) from None
-            consts.update({o: np.asarray(v) for o, v in zip(node.output, outs)})
+            consts.update(dict(zip(node.output, outs)))
         else:
             rest.append(node)
     return consts, rest
@@ -132,6 +145,8 @@ def _path(model: Any, consts: dict[str, np.ndarray], nodes: list[Any]) -> tuple[
         if node is None:
             raise CompressorError(f"output {wanted[0]!r} does not depend on the input {start!r}")
         dynamic = [i for i in node.input if i and i not in consts]
+        if node.op_type in _SHAPED and dynamic and dynamic[0] == node.input[0]:
+            dynamic = dynamic[:1]  # the target shape is computed from the batch: not data
         if len(dynamic) != 1:
             raise CompressorError(
                 f"node {node.name or node.op_type!r} ({node.op_type}) combines {len(dynamic)} "
@@ -212,7 +227,7 @@ def _prefix(
     i = 0
     while i < len(nodes) and nodes[i].op_type not in ("Gemm", "MatMul"):
         node, op = nodes[i], nodes[i].op_type
-        if op in _PASS:
+        if op in _PASS or op in _SHAPED:
             pass
         elif op in ("Sub", "Add") and out["mean"] is None and out["std"] is None:
             if node.input[0] != x and op == "Sub":
@@ -262,16 +277,25 @@ def _mlp(
     return layers, act, i, x
 
 
-def _suffix(nodes: list[Any], i: int, consts: dict[str, np.ndarray], x: str) -> dict[str, Any]:
-    """The action map after the last Linear: ``none``, ``clip`` (Clip, or Min/Max), ``tanh``
-    (Tanh, then any per-dimension affine: the rescale to ``[low, high]``) or ``argmax``."""
+def _keeps_rows(node: Any, consts: dict[str, np.ndarray], width: int) -> bool:
+    """A Reshape to ``(-1, width)`` (SB3 reshapes its actions so): the layout is unchanged."""
+    shape = consts.get(node.input[1]) if len(node.input) > 1 else None
+    return shape is not None and [int(v) for v in np.ravel(shape)] in ([-1, width], [0, width])
+
+
+def _suffix(
+    nodes: list[Any], i: int, consts: dict[str, np.ndarray], x: str, width: int
+) -> dict[str, Any]:
+    """The action map after the last Linear (``width`` outputs): ``none``, ``clip`` (Clip, or
+    Min/Max), ``tanh`` (Tanh, then any per-dimension affine: the rescale to ``[low, high]``)
+    or ``argmax``."""
     out: dict[str, Any] = {"map": "none", "low": None, "high": None}
     lo, hi = -np.inf, np.inf
     alpha, beta = np.ones(1), np.zeros(1)
     for node in nodes[i:]:
         op = node.op_type
-        if op == "Identity":
-            pass
+        if op in ("Identity", "Expand") or (op == "Reshape" and _keeps_rows(node, consts, width)):
+            pass  # any other Reshape could regroup the outputs (quantiles): refused
         elif op == "ArgMax" and out["map"] == "none":
             if int(_attr(node, "axis", 0)) not in (1, -1):
                 raise _refuse(node, "only ArgMax over the last axis")
@@ -381,7 +405,7 @@ def import_onnx(
         start, chain = _path(model, consts, nodes)
         pre, i, x = _prefix(chain, consts, start)
         layers, act, i, x = _mlp(chain, i, consts, x)
-        suffix = _suffix(chain, i, consts, x)
+        suffix = _suffix(chain, i, consts, x, int(layers[-1][0].shape[0]))
     except CompressorError as exc:
         raise CompressorError(f"{origin}: {exc}") from None
     meta, log_std = _metadata(model)
