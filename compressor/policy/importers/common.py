@@ -79,10 +79,11 @@ def torch_load_safe(src: bytes | Path, origin: str) -> Any:
         raise CompressorError(f"{origin}: file not found") from None
     except Exception as exc:  # torch raises many types for truncated / foreign / hostile files
         text = str(exc)
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        m = re.search(r"nsupported (?:global: )?GLOBAL (\S+)", text)
         if m:
+            named = _pickled_globals(src, m.group(1))
             raise CompressorError(
-                f"refused to load {m.group(1)} from {origin}: torch files may only contain "
+                f"refused to load {', '.join(named)} from {origin}: torch files may only contain "
                 "tensors and plain containers (nothing was executed; do not use this file if "
                 "you did not make it)"
             ) from None
@@ -103,6 +104,31 @@ def torch_load_safe(src: bytes | Path, origin: str) -> Any:
             raise CompressorError(msg) from None
         detail = text.splitlines()[0][:160] if text else type(exc).__name__
         raise CompressorError(f"{origin}: truncated or corrupt torch file ({detail})") from None
+
+
+def _pickled_globals(src: bytes | Path, torch_name: str) -> list[str]:
+    """The non-torch globals the pickle inside a torch file names (read from its opcodes), or
+    torch's own name for the refused one (it drops ``builtins.``) when they cannot be read."""
+    import zipfile
+
+    from compressor.policy.importers.safe_pickle import referenced_globals
+
+    try:
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        if data[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                data = zf.read(member)
+        import _compat_pickle  # protocol 2 (torch's) spells builtins the Python 2 way
+
+        found = []
+        for module, name in referenced_globals(data):
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            found.append(f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}")
+    except Exception:  # corrupt archive: torch's name is all there is
+        found = []
+    named = [g for g in found if not g.startswith(("torch.", "collections.OrderedDict"))]
+    return named or [torch_name]
 
 
 # ---- environments ----------------------------------------------------------------------------

@@ -49,8 +49,13 @@ def yaml_scalar(text: str) -> Any:
     """A YAML scalar as Python: int, float, bool, None or (unquoted) string.
 
     :param text: the scalar's text.
+    :raises CompressorError: a tagged value (``!!python/...``): never constructed.
     """
     t = text.strip()
+    if t.startswith("!"):
+        raise CompressorError(
+            f"refused the YAML tag in {t[:60]!r} (nothing was constructed); pass --env-kwargs"
+        )
     if t.lower() in _NULL:
         return None
     if t.lower() in ("true", "false"):
