@@ -271,6 +271,24 @@ def _fc_chain(state: dict[str, torch.Tensor], last: str, origin: str) -> list[La
     return layers
 
 
+def _bounds(scale: Any, bias: Any, act_dim: int, origin: str) -> tuple[list[float], list[float]]:
+    """The action bounds ``bias ± scale`` the actor rescales its tanh into."""
+    ok = all(
+        isinstance(t, torch.Tensor)
+        and (t.is_floating_point() or t.dtype in (torch.int32, torch.int64))
+        and t.numel() == act_dim
+        for t in (scale, bias)
+    )
+    if not ok:
+        raise CompressorError(
+            f"{origin}: CleanRL actor needs action_scale and action_bias of {act_dim} numbers"
+        )
+    s, b = scale.reshape(-1).double(), bias.reshape(-1).double()
+    if not (torch.isfinite(s).all() and torch.isfinite(b).all() and (s > 0).all()):
+        raise CompressorError(f"{origin}: CleanRL actor has a non-finite or non-positive scale")
+    return (b - s).tolist(), (b + s).tolist()
+
+
 def _off_policy_actor(
     nets: list[dict[str, torch.Tensor]],
     path: Path,
@@ -290,11 +308,7 @@ def _off_policy_actor(
     layers = _fc_chain(actor, "fc_mean" if sac else "fc_mu", origin)
     obs_dim, act_dim = int(layers[0][0].shape[1]), int(layers[-1][0].shape[0])
     env_id, found_env, warnings = _env(path, env_id, obs_dim, env_kwargs)
-    scale, bias = actor.get("action_scale"), actor.get("action_bias")
-    if not (isinstance(scale, torch.Tensor) and isinstance(bias, torch.Tensor)):
-        raise CompressorError(f"{origin}: CleanRL actor without action_scale/action_bias")
-    low = (bias - scale).reshape(-1).double().tolist()
-    high = (bias + scale).reshape(-1).double().tolist()
+    low, high = _bounds(actor.get("action_scale"), actor.get("action_bias"), act_dim, origin)
     options: dict[str, Any] = (
         {
             "state_dependent_std": True,

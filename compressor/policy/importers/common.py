@@ -275,14 +275,32 @@ def linear_chain(state: dict[str, Any], prefix: str, origin: str) -> list[Layer]
     :param origin: file name for error messages.
     """
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.weight")
-    idx = sorted(int(m.group(1)) for k in state if (m := pattern.fullmatch(k)))
+    idx = sorted(
+        int(m.group(1)) for k in state if isinstance(k, str) and (m := pattern.fullmatch(k))
+    )
     layers = []
     for i in idx:
         w, b = state[f"{prefix}{i}.weight"], state.get(f"{prefix}{i}.bias")
-        if not isinstance(b, torch.Tensor) or w.dim() != 2 or b.shape != (w.shape[0],):
+        if not (isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)) or (
+            w.dim() != 2 or b.shape != (w.shape[0],)
+        ):
             raise CompressorError(f"{origin}: layer {prefix}{i} is not a Linear layer with bias")
         layers.append((w, b))
     return layers
+
+
+def tensor_state(obj: Any, what: str, origin: str) -> dict[str, torch.Tensor]:
+    """``obj`` as a state dict (string keys, tensor values), or a one-line error naming ``what``.
+
+    :param obj: a value read from a checkpoint.
+    :param what: its role, for the message (e.g. ``actor_state_dict``).
+    :param origin: file name for error messages.
+    """
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CompressorError(f"{origin}: {what} is not a state dict of tensors (corrupt file?)")
+    return obj
 
 
 def check_chain(layers: list[Layer], in_dim: int, what: str, origin: str) -> None:

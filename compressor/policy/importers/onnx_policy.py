@@ -198,25 +198,35 @@ def _bounds_of(node: Any, consts: dict[str, np.ndarray]) -> tuple[np.ndarray, np
 def _linear(nodes: list[Any], i: int, consts: dict[str, np.ndarray], x: str) -> tuple[Layer, int]:
     """The Linear layer starting at ``nodes[i]`` (Gemm, or MatMul with an optional Add) and the
     index after it. Weights come out in ``nn.Linear``'s ``(out, in)`` layout."""
-    node = nodes[i]
+    node, ins = nodes[i], list(nodes[i].input)
+    if len(ins) < 2 or ins[0] != x or ins[1] not in consts:
+        raise _refuse(node, "only x·W with a constant W")
+    w = np.asarray(consts[ins[1]])
+    if w.ndim != 2 or w.dtype.kind not in "fiu" or 0 in w.shape:
+        raise _refuse(node, "its weight is not a numeric matrix")
+    w = w.astype(np.float32)
+    bias = None
     if node.op_type == "Gemm":
-        if node.input[0] != x or _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+        if _attr(node, "transA", 0) or float(_attr(node, "alpha", 1.0)) != 1.0:
             raise _refuse(node, "only Gemm(x, W, b) with alpha = 1 and transA = 0")
-        w = np.asarray(consts.get(node.input[1]), dtype=np.float32)
         w = w if _attr(node, "transB", 0) else w.T
-        b = np.zeros(w.shape[0], np.float32)
-        if len(node.input) > 2 and node.input[2]:
-            b = np.broadcast_to(consts[node.input[2]] * _attr(node, "beta", 1.0), (w.shape[0],))
-        return (torch.as_tensor(w.copy()), torch.as_tensor(np.array(b, np.float32))), i + 1
-    if node.input[0] != x or node.input[1] not in consts:
-        raise _refuse(node, "only x @ W with a constant W")
-    w = np.asarray(consts[node.input[1]], dtype=np.float32).T
-    b, j = np.zeros(w.shape[0], np.float32), i + 1
-    if j < len(nodes) and nodes[j].op_type == "Add":
-        bias = _const_of(nodes[j], consts, node.output[0])
-        if bias.size == w.shape[0]:
-            b, j = bias.reshape(-1).astype(np.float32), j + 1
-    return (torch.as_tensor(w.copy()), torch.as_tensor(b.copy())), j
+        if len(ins) > 2 and ins[2]:
+            if ins[2] not in consts:
+                raise _refuse(node, "its bias is not a constant")
+            bias = np.asarray(consts[ins[2]], dtype=np.float64) * float(_attr(node, "beta", 1.0))
+        j = i + 1
+    else:
+        w, j = w.T, i + 1
+        if j < len(nodes) and nodes[j].op_type == "Add":
+            c = _const_of(nodes[j], consts, node.output[0])
+            if c.size == w.shape[0]:
+                bias, j = c, j + 1
+    b = np.zeros(w.shape[0], np.float32)
+    if bias is not None:
+        if bias.size not in (1, w.shape[0]):
+            raise _refuse(node, f"its bias has {bias.size} entries for {w.shape[0]} outputs")
+        b = np.broadcast_to(bias.reshape(-1), (w.shape[0],)).astype(np.float32)
+    return (torch.as_tensor(np.ascontiguousarray(w)), torch.as_tensor(b.copy())), j
 
 
 def _prefix(
@@ -408,6 +418,10 @@ def import_onnx(
         suffix = _suffix(chain, i, consts, x, int(layers[-1][0].shape[0]))
     except CompressorError as exc:
         raise CompressorError(f"{origin}: {exc}") from None
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
+        # a graph whose operands are not what its operators need (a corrupt file)
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CompressorError(f"{origin}: malformed policy graph ({detail})") from None
     meta, log_std = _metadata(model)
     obs_dim, act_dim = int(layers[0][0].shape[1]), int(layers[-1][0].shape[0])
     head, options, notes = _head(suffix, meta, log_std, act_dim)

@@ -36,6 +36,7 @@ from compressor.policy.importers.common import (
     critic_entry,
     linear_chain,
     load_norm_stats,
+    tensor_state,
 )
 from compressor.policy.model import ACTIVATIONS, PolicySpec
 from compressor.policy.native import sha256_file
@@ -93,7 +94,8 @@ def _activation(path: Path) -> tuple[str, str]:
 def _layout(obj: dict[str, Any], origin: str) -> dict[str, Any]:
     """The actor's and critic's pieces, whatever the version wrote."""
     if isinstance(obj.get("actor_state_dict"), dict):  # 5.x: MLPModel
-        actor, critic = obj["actor_state_dict"], obj.get("critic_state_dict") or {}
+        actor = tensor_state(obj["actor_state_dict"], "actor_state_dict", origin)
+        critic = tensor_state(obj.get("critic_state_dict") or {}, "critic_state_dict", origin)
         std = actor.get("distribution.std_param")
         log_std = actor.get("distribution.log_std_param")
         return {
@@ -102,7 +104,7 @@ def _layout(obj: dict[str, Any], origin: str) -> dict[str, Any]:
             "std": std,
             "log_std": log_std,
             "norm": _norm(actor, "obs_normalizer.", origin),
-            "critic": linear_chain(critic, "mlp.", origin) if isinstance(critic, dict) else [],
+            "critic": linear_chain(critic, "mlp.", origin),
             "critic_norm": _norm(critic, "obs_normalizer.", origin),
             "keys": [
                 k
@@ -111,18 +113,23 @@ def _layout(obj: dict[str, Any], origin: str) -> dict[str, Any]:
                 and k not in ("distribution.std_param", "distribution.log_std_param")
             ],
         }
-    model = obj["model_state_dict"]
+    model = tensor_state(obj["model_state_dict"], "model_state_dict", origin)
     if any(str(k).startswith(("student.", "teacher.")) for k in model):
         raise CompressorError(
             f"{origin}: rsl_rl distillation (student/teacher) checkpoints are not supported"
         )
     if any(str(k).startswith(("memory_a.", "memory_c.")) for k in model):
         raise CompressorError(f"{origin}: recurrent rsl_rl policies are not supported")
+    saved = {
+        k: tensor_state(obj[k], k, origin)
+        for k in ("obs_norm_state_dict", "privileged_obs_norm_state_dict")
+        if obj.get(k) is not None
+    }
     norm = _norm(model, "actor_obs_normalizer.", origin) or _norm(
-        obj.get("obs_norm_state_dict"), "", origin
+        saved.get("obs_norm_state_dict"), "", origin
     )
     critic_norm = _norm(model, "critic_obs_normalizer.", origin) or _norm(
-        obj.get("privileged_obs_norm_state_dict"), "", origin
+        saved.get("privileged_obs_norm_state_dict"), "", origin
     )
     return {
         "version": "3.x/4.x" if any("obs_normalizer." in str(k) for k in model) else "2.x+",
