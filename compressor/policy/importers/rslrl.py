@@ -95,7 +95,10 @@ def _layout(obj: dict[str, Any], origin: str) -> dict[str, Any]:
     """The actor's and critic's pieces, whatever the version wrote."""
     if isinstance(obj.get("actor_state_dict"), dict):  # 5.x: MLPModel
         actor = tensor_state(obj["actor_state_dict"], "actor_state_dict", origin)
-        critic = tensor_state(obj.get("critic_state_dict") or {}, "critic_state_dict", origin)
+        saved_critic = obj.get("critic_state_dict")
+        critic = tensor_state(
+            {} if saved_critic is None else saved_critic, "critic_state_dict", origin
+        )
         std = actor.get("distribution.std_param")
         log_std = actor.get("distribution.log_std_param")
         return {
