@@ -1,5 +1,6 @@
-"""The value function a policy file may ship beside its actor (SB3, compress train): used by the
-critic attack and by PPO fine-tuning."""
+"""The networks a policy file may ship beside its actor: a state-value net (SB3 PPO/A2C, rsl_rl,
+CleanRL PPO, compress train), used by the critic attack and PPO fine-tuning, and Q-networks
+(SAC/TD3/TQC critics, DQN's target net), kept for the critic attack and Q-guided fine-tuning."""
 
 from __future__ import annotations
 
