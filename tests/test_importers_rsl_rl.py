@@ -193,3 +193,27 @@ def test_agent_yaml_activation_and_refusals(
     torch.save(wide, tmp_path / "wide.pt")
     with pytest.raises(CompressorError, match="state-dependent std"):
         load_policy(tmp_path / "wide.pt", env_id="Pendulum-v1")
+
+
+def test_env_from_a_module_factory(
+    runs: dict[str, tuple[Path, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--env module:factory``: the user names a function that builds the env (Isaac Lab and
+    mjlab register theirs on import: ``module:EnvId`` works the same way)."""
+    from compressor.rl.envs import env_dims
+    from compressor.rl.rollout import rollout
+
+    (tmp_path / "my_robot_envs.py").write_text(
+        "import gymnasium as gym\n\n\ndef make_pendulum(**kwargs):\n"
+        "    return gym.make('Pendulum-v1', **kwargs)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env_id = "my_robot_envs:make_pendulum"
+    assert env_dims(env_id, {"g": 9.0})["obs_dim"] == 3
+    loaded = load_policy(runs["scalar"][0], env_id=env_id, env_kwargs={"g": 9.0})
+    spec = loaded.policy.spec
+    assert (spec.env_id, spec.env_kwargs) == (env_id, {"g": 9.0})
+    res = rollout(loaded.policy, spec.env_id, spec.env_kwargs, [0], num_envs=1)
+    assert res.lengths.tolist() == [200]
+    with pytest.raises(CompressorError, match="cannot import 'no_such_module'"):
+        env_dims("no_such_module:make")
