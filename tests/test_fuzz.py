@@ -9,6 +9,7 @@ kind, a zip member removed). Any other exception fails the test with the input t
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -266,27 +267,67 @@ def _sb3_box_state() -> dict[str, torch.Tensor]:
     return state
 
 
-#: (folder the zip sits in, data, state): CartPole (Discrete) and Pendulum (Box) policies.
+def _pickled_class(module: str, name: str) -> dict[str, str]:
+    blob = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\nq\x00."
+    return {":type:": "<class 'abc.ABCMeta'>", ":serialized:": base64.b64encode(blob).decode()}
+
+
+def _chain(prefix: str, sizes: list[int], g: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        out[f"{prefix}{2 * i}.weight"] = torch.randn(b, a, generator=g)
+        out[f"{prefix}{2 * i}.bias"] = torch.randn(b, generator=g)
+    return out
+
+
+def _sac_base() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A gymnasium-era SAC zip's fields (``_shape``) and weights, Pendulum sizes."""
+    data = _sb3_box_data()
+    data["policy_class"] = _pickled_class("stable_baselines3.sac.policies", "SACPolicy")
+    data["action_space"]["_shape"] = data["action_space"].pop("shape")
+    g = torch.Generator().manual_seed(1)
+    state = _chain("actor.latent_pi.", [3, 4, 4], g)
+    for name in ("mu", "log_std"):
+        state[f"actor.{name}.weight"] = torch.randn(1, 4, generator=g)
+        state[f"actor.{name}.bias"] = torch.randn(1, generator=g)
+    state.update(_chain("critic.qf0.", [4, 4, 1], g))
+    return data, state
+
+
+def _dqn_base() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    data = _sb3_data()
+    data["policy_class"] = _pickled_class("stable_baselines3.dqn.policies", "DQNPolicy")
+    g = torch.Generator().manual_seed(2)
+    state = _chain("q_net.q_net.", [4, 4, 2], g)
+    state.update(_chain("q_net_target.q_net.", [4, 4, 2], g))
+    return data, state
+
+
+#: (folder the zip sits in, data, state): CartPole (Discrete) and Pendulum (Box) policies of the
+#: actor-critic, SAC and DQN families.
 SB3_BASES = [
     ("sb3-ppo-CartPole-v1", _sb3_data(), _sb3_state()),
     ("sb3-ppo-Pendulum-v1", _sb3_box_data(), _sb3_box_state()),
+    ("sb3-sac-Pendulum-v1", *_sac_base()),
+    ("sb3-dqn-CartPole-v1", *_dqn_base()),
 ]
 _SB3_DATA_PATHS = (
     [[k] for k in ("policy_class", "policy_kwargs", "observation_space", "action_space", "use_sde")]
     + [
         [space, k]
         for space in ("observation_space", "action_space")
-        for k in (":type:", "shape", "n", "low", "high")
+        for k in (":type:", "shape", "_shape", "n", "low", "high")
     ]
     + [["policy_kwargs", "activation_fn"], ["policy_class", ":serialized:"]]
 )
 _SB3_STATE_KEYS = sorted(
-    set(SB3_BASES[0][2]) | set(SB3_BASES[1][2]) | {"mlp_extractor.policy_net.4.weight"}
+    set().union(*(set(b[2]) for b in SB3_BASES))
+    | {"mlp_extractor.policy_net.4.weight", "actor.log_std", "critic.qf1.0.weight"}
 )
 
 members = st.fixed_dictionaries(
     {
-        "base": st.sampled_from([0, 1]),
+        "base": st.sampled_from(range(len(SB3_BASES))),
         "data_edits": st.lists(
             st.tuples(st.sampled_from(_SB3_DATA_PATHS), json_values, st.booleans()), max_size=3
         ),
@@ -521,4 +562,170 @@ def test_deep_nesting_is_one_error(work: Path) -> None:
         zf.writestr("data", "[" * 100_000)
         zf.writestr("policy.pth", _torch_bytes(state))
     with pytest.raises(CompressorError, match="not valid JSON"):
+        load_policy(zpath)
+
+
+# ---- the other importers: rsl_rl, CleanRL, ONNX graphs, RL Zoo YAML ------------------------------
+def _rsl_bases() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(3)
+    mlp = _chain("mlp.", [3, 4, 1], g)
+    norm = {"_mean": torch.zeros(1, 3), "_var": torch.ones(1, 3), "_std": torch.ones(1, 3)}
+    norm["count"] = torch.tensor(5)
+    actor = {**mlp, "distribution.std_param": torch.ones(1)}
+    actor.update({f"obs_normalizer.{k}": v for k, v in norm.items()})
+    v2 = {f"actor.{k[4:]}": v for k, v in mlp.items()}
+    v2.update({f"critic.{k[4:]}": v for k, v in _chain("mlp.", [3, 4, 1], g).items()})
+    return {
+        "rsl5": {"actor_state_dict": actor, "critic_state_dict": dict(mlp), "iter": 3},
+        "rsl2": {"model_state_dict": {**v2, "log_std": torch.zeros(1)},
+                 "obs_norm_state_dict": dict(norm), "iter": 3},
+        "dqn": _chain("network.", [4, 4, 2], g),
+        "td3": ({"fc1.weight": torch.randn(4, 3, generator=g), "fc1.bias": torch.zeros(4),
+                 "fc_mu.weight": torch.randn(1, 4, generator=g), "fc_mu.bias": torch.zeros(1),
+                 "action_scale": torch.full((1,), 2.0), "action_bias": torch.zeros(1)},
+                {"fc1.weight": torch.randn(4, 4, generator=g), "fc1.bias": torch.zeros(4),
+                 "fc2.weight": torch.randn(1, 4, generator=g), "fc2.bias": torch.zeros(1)}),
+    }  # fmt: skip
+
+
+OTHER_BASES = _rsl_bases()
+_OTHER_ENVS = {"rsl5": "Pendulum-v1", "rsl2": "Pendulum-v1", "dqn": "CartPole-v1", "td3": None}
+
+
+def _paths(obj: Any, prefix: list[Any]) -> list[list[Any]]:
+    if isinstance(obj, dict):
+        out = [prefix + [k] for k in obj]
+        for k, v in obj.items():
+            out += _paths(v, prefix + [k])
+        return out
+    return []
+
+
+@fuzz(200)
+@given(
+    base=st.sampled_from(sorted(OTHER_BASES)),
+    which=st.integers(0, 1 << 16),
+    value=odd_values | tensors,
+    delete=st.booleans(),
+    with_env=st.booleans(),
+)
+def test_rsl_rl_and_cleanrl_fields(
+    work: Path, base: str, which: int, value: Any, delete: bool, with_env: bool
+) -> None:
+    obj = torch.load(io.BytesIO(_torch_bytes(OTHER_BASES[base])), weights_only=True)
+    root = {"t": list(obj)} if isinstance(obj, tuple) else obj
+    nets = root["t"] if isinstance(obj, tuple) else [root]
+    paths = [(n, p) for n, net in enumerate(nets) for p in _paths(net, [])]
+    n, path_ = paths[which % len(paths)]
+    edit_tree(nets[n], path_, value, delete)
+    saved = tuple(nets) if isinstance(obj, tuple) else nets[0]
+    path = work / "runs" / "Pendulum-v1__td3__1__1" / "model_3.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_bytes(_torch_bytes(saved))
+    except Exception:  # torch.save cannot write some odd values
+        return
+    outcome(load_policy, path, env_id=_OTHER_ENVS[base] if with_env else None)
+
+
+def _onnx_bases() -> list[bytes]:
+    import onnx
+
+    from compressor.deploy.export import build_model
+
+    out = []
+    for head in ("gaussian", "deterministic"):
+        p = make_policy(head, hidden=(4,), obs_dim=3, act_dim=1, env_id="Pendulum-v1")
+        out.append(build_model(p)[0].SerializeToString())
+    sparse = make_policy("categorical", hidden=(8,), obs_dim=4, env_id="CartPole-v1")
+    with torch.no_grad():
+        sparse.layers[0].weight[:, :3] = 0
+    out.append(build_model(sparse, sparse_storage=True)[0].SerializeToString())
+    assert all(onnx.load_from_string(b) is not None for b in out)
+    return out
+
+
+ONNX_BASES = _onnx_bases()
+_ONNX_OPS = ["Gemm", "MatMul", "Add", "Sub", "Div", "Mul", "Tanh", "Relu", "Elu", "Clip",
+             "ArgMax", "Sigmoid", "Identity", "Reshape", "Expand", "Cast", "Min",
+             "Max"]  # fmt: skip
+
+
+@fuzz(150)
+@given(which=st.integers(0, len(ONNX_BASES) - 1), edits=byte_edits)
+def test_onnx_bytes(work: Path, which: int, edits: list[tuple[str, int, int]]) -> None:
+    path = work / "policy.onnx"
+    path.write_bytes(mutate(ONNX_BASES[which], edits))
+    outcome(load_policy, path)
+
+
+@fuzz(150)
+@given(
+    which=st.integers(0, len(ONNX_BASES) - 1),
+    node=st.integers(0, 1 << 10),
+    op=st.sampled_from(["op", "input", "drop", "init", "attr", "output"]),
+    arg=st.sampled_from(_ONNX_OPS) | st.text(max_size=4),
+)
+def test_onnx_structure(work: Path, which: int, node: int, op: str, arg: str) -> None:
+    import onnx
+
+    model = onnx.load_from_string(ONNX_BASES[which])
+    nodes, inits = model.graph.node, model.graph.initializer
+    target = nodes[node % len(nodes)]
+    if op == "op":
+        target.op_type = arg
+    elif op == "input" and target.input:
+        target.input[node % len(target.input)] = arg
+    elif op == "drop":
+        del nodes[node % len(nodes)]
+    elif op == "init" and inits:
+        del inits[node % len(inits)]
+    elif op == "attr" and target.attribute:
+        target.attribute[0].i = node - 512
+    elif op == "output":
+        model.graph.output[0].name = arg
+    path = work / "structure.onnx"
+    path.write_bytes(model.SerializeToString())
+    outcome(load_policy, path, env_id="Pendulum-v1" if which < 2 else "CartPole-v1")
+
+
+_ZOO_CONFIG = """!!python/object/apply:collections.OrderedDict
+- - - env_wrapper
+    - sb3_contrib.common.wrappers.TimeFeatureWrapper:
+        max_steps: 1000
+  - - normalize
+    - false
+"""
+
+
+@fuzz(150)
+@given(edits=toml_edits, kwargs=st.text(max_size=40) | st.sampled_from(["{}", "g: 9.0", "g: x"]))
+def test_zoo_yaml(work: Path, edits: list[tuple[str, int, str]], kwargs: str) -> None:
+    folder = work / "zoo" / "Pendulum-v1_1"
+    (folder / "Pendulum-v1").mkdir(parents=True, exist_ok=True)
+    zpath = folder / "Pendulum-v1.zip"
+    if not zpath.exists():
+        zpath.write_bytes(_sb3_zip({**UNMUTATED, "base": 1})[1])
+    (folder / "Pendulum-v1" / "config.yml").write_text(mutate_toml(_ZOO_CONFIG, edits))
+    (folder / "Pendulum-v1" / "env_kwargs.yml").write_bytes(kwargs.encode("utf-8", "replace"))
+    outcome(load_policy, zpath)
+
+
+def test_unmutated_other_bases_load(work: Path) -> None:
+    for base, obj in OTHER_BASES.items():
+        path = work / "valid-other" / "runs" / "Pendulum-v1__td3__1__1" / f"{base}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_torch_bytes(obj))
+        assert load_policy(path, env_id=_OTHER_ENVS[base]).format in ("rsl_rl", "cleanrl")
+    for data in ONNX_BASES:
+        path = work / "valid-other" / "p.onnx"
+        path.write_bytes(data)
+        assert load_policy(path).format == "onnx"
+    zpath = work / "valid-other" / "zoo" / "Pendulum-v1.zip"
+    zpath.parent.mkdir(parents=True)
+    zpath.write_bytes(_sb3_zip({**UNMUTATED, "base": 1})[1])
+    (zpath.parent / "config.yml").write_text(
+        _ZOO_CONFIG.replace("sb3_contrib.common.wrappers.TimeFeatureWrapper", "x.NotAWrapper")
+    )
+    with pytest.raises(CompressorError, match="does not re-create"):
         load_policy(zpath)

@@ -86,11 +86,20 @@ def test_numpy_arrays_allowed() -> None:
 
 
 def test_shared_vecnormalize_without_gym_or_sb3(shared_policies: Path) -> None:
-    stats = load_vecnormalize(shared_policies / "sb3-ppo-Hopper-v3" / "vecnormalize.pkl")
+    # other tests import stable_baselines3 itself (to compare with it): hide it while loading
+    def named(m: str) -> bool:
+        return m == "gym" or m.startswith(("gym.", "stable_baselines3"))
+
+    hidden = {m: sys.modules.pop(m) for m in list(sys.modules) if named(m)}
+    try:
+        stats = load_vecnormalize(shared_policies / "sb3-ppo-Hopper-v3" / "vecnormalize.pkl")
+        imported = [m for m in sys.modules if named(m)]
+    finally:
+        sys.modules.update(hidden)
     assert stats.mean.shape == (11,) and stats.var.shape == (11,)
     assert stats.clip_obs == 10.0 and stats.epsilon == 1e-8 and stats.norm_obs
     assert (stats.var > 0).all() and stats.count > 1e6
-    assert not any(m == "gym" or m.startswith(("gym.", "stable_baselines3")) for m in sys.modules)
+    assert imported == []
 
 
 # ---- synthetic VecNormalize pickles (the classes live in fake modules removed before loading) --
@@ -270,3 +279,89 @@ def test_env_id_naming_a_module_is_refused(tmp_path: Path) -> None:
         load_policy(tmp_path / "p.pt")
     # the user's own choice of env is honoured
     assert load_policy(tmp_path / "p.pt", env_id="CartPole-v1").policy.spec.env_id == "CartPole-v1"
+
+
+# ---- the other readers: rsl_rl checkpoints, CleanRL tuples, ONNX, RL Zoo YAML ------------------
+def _hostile_torch_files(tmp_path: Path, payload: object) -> list[Path]:
+    """Files each importer would read, every one carrying ``payload`` where a tensor belongs."""
+    import torch
+
+    actor = {"fc1.weight": torch.zeros(4, 3), "fc1.bias": torch.zeros(4)}
+    cases = {
+        "model_100.pt": {"actor_state_dict": {"mlp.0.weight": payload}, "iter": 100},
+        "model_7.pt": {"model_state_dict": {"actor.0.weight": torch.zeros(2, 3)}, "infos": payload},
+        "td3.cleanrl_model": (actor, {"fc1.weight": payload}),
+        "dqn.cleanrl_model": {"network.0.weight": payload},
+    }
+    out = []
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        out.append(tmp_path / name)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(_PAYLOADS))
+def test_payloads_in_rsl_rl_and_cleanrl_files_write_nothing(tmp_path: Path, kind: str) -> None:
+    make, _ = _PAYLOADS[kind]
+    refused = {"exec": "builtins.exec", "system": ".system", "write_text": "pathlib.Path"}[kind]
+    target = tmp_path / "pwned"
+    for src in _hostile_torch_files(tmp_path, make(target)):
+        with pytest.raises(CompressorError, match=re.escape(refused)) as info:
+            load_policy(src, env_id="Pendulum-v1")
+        assert "\n" not in str(info.value) and "nothing was executed" in str(info.value)
+    assert not target.exists()
+
+
+def test_onnx_external_weights_outside_the_folder_are_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(24, np.float32).tobytes())
+    w = numpy_helper.from_array(np.zeros((3, 8), np.float32), "W0")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("length", "96")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["obs", "W0"], ["actions"])],
+        "g",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["b", 3])],
+        [helper.make_tensor_value_info("actions", TensorProto.FLOAT, ["b", 8])],
+        initializer=[w],
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "policy.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    assert onnx.load(tmp_path / "sub" / "policy.onnx", load_external_data=False) is not None
+    with pytest.raises(CompressorError, match="cannot read its external weights") as info:
+        load_policy(tmp_path / "sub" / "policy.onnx", env_id="Pendulum-v1")
+    assert "\n" not in str(info.value)
+
+
+def test_zoo_yaml_tags_are_text(tmp_path: Path) -> None:
+    """A Zoo config or env_kwargs.yml naming code is read as text: nothing is constructed, and
+    a wrapper the tool does not re-create is refused in one line."""
+    from test_importers import _write_sb3_zip
+
+    target = tmp_path / "pwned"
+    folder = tmp_path / "ppo" / "CartPole-v1_1"
+    zip_path = _write_sb3_zip(folder / "CartPole-v1.zip")
+    (folder / "CartPole-v1").mkdir()
+    config = folder / "CartPole-v1" / "config.yml"
+    config.write_text(
+        "!!python/object/apply:collections.OrderedDict\n"
+        "- - - env_wrapper\n"
+        f"    - !!python/object/apply:os.system ['touch {target}']\n"
+    )
+    with pytest.raises(CompressorError, match="os.system, which this tool does not") as info:
+        load_policy(zip_path)
+    assert "\n" not in str(info.value)
+    config.write_text("normalize: false\n")
+    (folder / "CartPole-v1" / "env_kwargs.yml").write_text(
+        f"render_mode: !!python/object/apply:os.system ['touch {target}']\n"
+    )
+    with pytest.raises(CompressorError, match="refused the YAML tag") as info:
+        load_policy(zip_path)
+    assert "\n" not in str(info.value)
+    assert not target.exists()

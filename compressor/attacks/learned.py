@@ -34,6 +34,7 @@ from compressor.core.pgd import pgd
 from compressor.core.threat import ThreatModel, project
 from compressor.policy.model import Policy
 from compressor.policy.native import policy_from_dict, policy_to_dict
+from compressor.rl.envs import make_env, make_vector_env
 
 ADVERSARY_ENV = "compressor/ObservationAdversary-v0"
 #: Bound of the agent's pre-tanh action (tanh(4) ≈ 0.9993: the ball's surface is reachable).
@@ -97,7 +98,7 @@ class ObservationAdversaryEnv(gym.Env):  # type: ignore[type-arg]
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
-        self.env = gym.make(env_id, **env_kwargs)
+        self.env = make_env(env_id, env_kwargs, victim.spec.env_wrappers)
         self.victim, self.threat, self.mode, self.pgd_steps = victim, threat, mode, pgd_steps
         self.scale = threat.scale(victim)
         self.observation_space = self.env.observation_space
@@ -158,13 +159,8 @@ class ObservationAdversaryVecEnv(gym.vector.VectorEnv):  # type: ignore[type-arg
         pgd_steps: int = 10,
     ) -> None:
         same_step = gym.vector.AutoresetMode.SAME_STEP
-        self.envs = gym.make_vec(
-            env_id,
-            num_envs=num_envs,
-            vectorization_mode="sync",
-            vector_kwargs={"autoreset_mode": same_step},
-            **env_kwargs,
-        )
+        wrappers = victim.spec.env_wrappers
+        self.envs = make_vector_env(env_id, env_kwargs, num_envs, wrappers, autoreset=same_step)
         self.victim, self.threat, self.mode, self.pgd_steps = victim, threat, mode, pgd_steps
         self.scale = threat.scale(victim)
         self.num_envs = num_envs

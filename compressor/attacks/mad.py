@@ -1,8 +1,17 @@
 """MAD: maximal action difference. PGD maximises the victim's own divergence between its action
-distribution at the true and at the perturbed observation (SA-PPO's policy-aware attack).
+at the true and at the perturbed observation (SA-PPO's policy-aware attack), per head
+(:meth:`compressor.policy.model.Policy.attack_objective`):
 
-Gaussian heads: ``‖Σ^{-1/2}(μ(ŝ) - μ(s))‖²``; categorical: ``KL(π(s) ‖ π(ŝ))``. The gradient of
-either is zero at ŝ = s, so PGD starts from a random point of the ball.
+- gaussian (and squashed with a parameter σ): ``‖Σ^{-1/2}(μ(ŝ) - μ(s))‖²``;
+- categorical: ``KL(π(s) ‖ π(ŝ))``;
+- squashed_gaussian with a state-dependent σ (SAC, TQC) and tanh-squashed deterministic actors
+  (TD3, DDPG): ``‖a(ŝ) - a(s)‖²``, the deployed action after the tanh-rescale, in action units
+  (what the robot executes; σ never reaches it);
+- deterministic actors that clip: the same distance before the clip;
+- q_greedy (DQN, QR-DQN): the margin ``max_{j≠a*} Q_j(ŝ) - Q_{a*}(ŝ)``, ``a* = argmax Q(s)``:
+  positive exactly when the greedy action flips.
+
+The gradient of the divergences is zero at ŝ = s, so PGD starts from a random point of the ball.
 """
 
 from __future__ import annotations

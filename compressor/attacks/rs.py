@@ -28,7 +28,7 @@ from compressor.attacks.base import AttackContext
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd, pgd_in_ball
-from compressor.policy.model import Policy
+from compressor.policy.model import DISCRETE_HEADS, Policy
 from compressor.rl.rollout import rollout
 
 #: Scan episodes start here, apart from any profile's evaluation and state seeds.
@@ -61,8 +61,8 @@ class QNet(nn.Module):
 
 
 def encode_action(policy: Policy, act: torch.Tensor) -> torch.Tensor:
-    """Env actions -> Q's action input: one-hot for categorical heads, scaled to [-1, 1] else."""
-    if policy.spec.head == "categorical":
+    """Env actions -> Q's action input: one-hot for discrete heads, scaled to [-1, 1] else."""
+    if policy.spec.head in DISCRETE_HEADS:
         return nn.functional.one_hot(act.long(), policy.spec.act_dim).float()
     return (act - _mid(policy)) / _half(policy)
 
@@ -70,11 +70,11 @@ def encode_action(policy: Policy, act: torch.Tensor) -> torch.Tensor:
 def soft_action(policy: Policy, out: torch.Tensor) -> torch.Tensor:
     """The victim's (differentiable) action encoding from its head output.
 
-    Categorical: action probabilities (the one-hot's convex hull). Continuous: the deterministic
-    action, clipped in value but not in gradient, so PGD still sees which way a saturated
-    action would move.
+    Discrete heads: the softmax of the logits or Q-values (the one-hot's convex hull).
+    Continuous: the deterministic action, clipped in value but not in gradient, so PGD still
+    sees which way a saturated action would move.
     """
-    if policy.spec.head == "categorical":
+    if policy.spec.head in DISCRETE_HEADS:
         return torch.softmax(out, -1)
     act = policy.postprocess(out)
     if policy.spec.head != "squashed_gaussian":

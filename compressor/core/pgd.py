@@ -104,12 +104,13 @@ def max_divergence_point(
     ref: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The point of the ball around each row of ``x`` where the policy's output moves most from
-    its output at ``x`` (MAD's objective; SA-PPO's smoothness regulariser's inner max).
+    its output at ``x`` (MAD's objective, :meth:`Policy.attack_objective`; SA-PPO's smoothness
+    regulariser's inner max).
 
     :param ref: ``policy(x)`` if the caller already has it (without gradient)."""
     if ref is None:
         with torch.no_grad():
             ref = policy(x)
     return pgd_in_ball(
-        lambda z: policy.divergence(ref, policy(z)), x, scale, threat, steps, generator
+        lambda z: policy.attack_objective(ref, policy(z)), x, scale, threat, steps, generator
     )

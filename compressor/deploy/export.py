@@ -2,7 +2,11 @@
 
 ``obs`` (float32 raw observations, dynamic batch) → ``(obs - mean) / sqrt(var + eps)`` → clip →
 MLP (effective weights ``W ⊙ M``, dead neurons physically removed) → deterministic action
-(mean / argmax / tanh-rescale) → clip to the action bounds → ``action``.
+(``Policy.action_map``: clip to the action bounds, tanh-rescale into them, or argmax over logits
+or Q-values) → ``action``. A state-dependent σ layer is not exported: the deployed action never
+uses it. ``obs`` is what the robot must feed: when the policy was trained behind observation
+wrappers (``spec.env_wrappers``, e.g. the RL Zoo's time feature) their entries are part of it,
+and the ``interface`` metadata says so.
 
 The graph is built node by node with ``onnx.helper`` rather than ``torch.onnx.export``: torch
 2.13's dynamo exporter may put the weights in an external ``.data`` sidecar and picks its own
@@ -30,7 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
 from compressor.deploy.compact import compact_layers, effective_layers
-from compressor.policy.model import Policy
+from compressor.policy.model import DISCRETE_HEADS, Policy
+from compressor.rl.wrappers import describe_wrappers
 
 __all__ = [
     "ExportResult",
@@ -51,7 +56,7 @@ PARITY_RTOL = 1e-5
 PARITY_BATCHES = (1, 2, 7)
 INPUT_NAME = "obs"
 OUTPUT_NAME = "action"
-RESERVED_KEYS = ("spec", "compressor_version", "interface")
+RESERVED_KEYS = ("spec", "compressor_version", "interface", "action_std")
 _ACT_OPS = {"tanh": "Tanh", "relu": "Relu", "elu": "Elu"}
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -168,7 +173,12 @@ def build_model(
                 INPUT_NAME,
                 TensorProto.FLOAT,
                 ["batch", spec.obs_dim],
-                doc_string="raw observations (normalisation and clip are in the graph)",
+                doc_string=" ".join(
+                    [
+                        "raw observations (normalisation and clip are in the graph)",
+                        *describe_wrappers(spec.env_wrappers),
+                    ]
+                ),
             )
         ],
         [helper.make_tensor_value_info(OUTPUT_NAME, out_type, out_shape)],
@@ -262,16 +272,16 @@ def _sparse_weight(name: str, w: np.ndarray, inits: list[TensorProto], node: Any
 def _head(policy: Policy, x: str, node: Any, const: Any) -> tuple[int, list[Any]]:
     """Append the action head after ``x``; return the output's element type and shape."""
     spec = policy.spec
-    if spec.head == "categorical":
+    if policy.action_map == "argmax":  # categorical logits or q_greedy Q-values
         node("ArgMax", [x], OUTPUT_NAME, axis=1, keepdims=0)  # first maximum, as torch.argmax
         return TensorProto.INT64, ["batch"]
     low = policy.action_low.detach().cpu().float().numpy()
     high = policy.action_high.detach().cpu().float().numpy()
-    if spec.head == "squashed_gaussian":
+    if policy.action_map == "tanh_rescale":  # squashed_gaussian, squashed deterministic
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise CompressorError(
-                "a squashed_gaussian policy needs finite action bounds to rescale tanh into; "
-                "set action_low/action_high in its spec"
+                f"a {spec.head} policy that squashes needs finite action bounds to rescale tanh "
+                "into; set action_low/action_high in its spec"
             )
         # low + (tanh(out) + 1) * ((high - low) / 2): the same float32 operations, in the same
         # order, as Policy.postprocess (halving is exact), so the rounding matches too.
@@ -303,6 +313,7 @@ def _props(policy: Policy, metadata: Mapping[str, Any] | None, version: str) -> 
     clash = sorted(k for k in extra if k in RESERVED_KEYS)
     if clash:
         raise CompressorError(f"metadata keys {clash} are reserved by the exporter")
+    discrete = policy.spec.head in DISCRETE_HEADS
     props: dict[str, str] = {
         "spec": _json(dataclasses.asdict(policy.spec)),
         "interface": _json(
@@ -311,14 +322,19 @@ def _props(policy: Policy, metadata: Mapping[str, Any] | None, version: str) -> 
                 "input_dtype": "float32",
                 "input_shape": ["batch", policy.spec.obs_dim],
                 "input_space": "raw",
+                # what the robot must feed beyond the env's own observation (time feature...)
+                "input_wrappers": list(policy.spec.env_wrappers),
+                "input_notes": describe_wrappers(policy.spec.env_wrappers),
                 "output": OUTPUT_NAME,
-                "output_dtype": "int64" if policy.spec.head == "categorical" else "float32",
-                "output_shape": ["batch"]
-                if policy.spec.head == "categorical"
-                else ["batch", policy.spec.act_dim],
+                "output_dtype": "int64" if discrete else "float32",
+                "output_shape": ["batch"] if discrete else ["batch", policy.spec.act_dim],
+                "action_map": policy.action_map,
             }
         ),
     }
+    if policy.std_kind == "parameter":  # not in the graph; lets an import restore the head
+        log_std = [float(v) for v in policy.log_std.detach().cpu().double()]
+        props["action_std"] = _json({"log_std": log_std})
     for key, value in extra.items():
         props[str(key)] = value if isinstance(value, str) else _json(value)
     source_sha = policy.spec.source.get("sha256")
@@ -530,6 +546,7 @@ def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> fl
     """
     sess = load_onnx_session(model, threads=1)
     device = policy.obs_mean.device
+    discrete = policy.spec.head in DISCRETE_HEADS
     far = max(30.0, 3.0 * float(policy.spec.obs_clip or 0.0))  # beyond the clip
     worst = 0.0
     for k, n in enumerate(PARITY_BATCHES):
@@ -539,13 +556,13 @@ def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> fl
             with torch.no_grad():
                 t_obs = torch.as_tensor(obs, device=device)
                 ref = policy.act(t_obs).cpu().numpy()
-                if policy.spec.head == "categorical":
+                if discrete:
                     logits = policy(t_obs).cpu().double().numpy()
             if got.shape != ref.shape:
                 raise CompressorError(
                     f"exported model returns shape {got.shape}, torch {ref.shape}; not written"
                 )
-            if policy.spec.head == "categorical":
+            if discrete:
                 rows = np.arange(n)
                 ref_logit = logits[rows, ref.astype(np.int64)]
                 gap = np.abs(ref_logit - logits[rows, got.astype(np.int64)])

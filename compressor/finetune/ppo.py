@@ -120,8 +120,9 @@ def ppo_finetune(
         g = torch.Generator().manual_seed(seed)
         # the reward scale a loaded critic was trained in; a learned one is best off scaled
         norm_reward = cfg.ppo_norm_reward if critic is not None else True
+        wrap = dense.spec.env_wrappers  # the observation wrappers it was trained behind
         stream = RolloutStream(
-            env_id, env_kwargs, cfg.ppo_num_envs, seed, cfg.ppo_gamma, norm_reward
+            env_id, env_kwargs, cfg.ppo_num_envs, seed, cfg.ppo_gamma, norm_reward, wrap
         )
         try:
             vnet, source = _starting_critic(dense, critic, stream, cfg, rng)

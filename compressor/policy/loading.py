@@ -1,10 +1,11 @@
 """The single entry point that turns any supported policy file into a :class:`LoadedPolicy`.
 
 The format is decided by the file's content, not its extension: a native ``.pt``, a
-Stable-Baselines3 ``.zip`` (with the RL Zoo's ``vecnormalize.pkl``), a CleanRL PPO state dict, or
-a plain ``{"spec": ..., "state_dict": ...}``. Nothing in any of them is executed: torch files
-load with ``weights_only=True`` and pickles with a restricted unpickler. Every failure a user can
-cause is a one-line :class:`CompressorError`.
+Stable-Baselines3 / sb3-contrib ``.zip`` (with the RL Zoo's layout and ``vecnormalize.pkl``), a
+CleanRL agent (PPO, DQN, TD3/DDPG, SAC), an rsl_rl ``model_*.pt`` checkpoint, a dense ONNX
+policy, or a plain ``{"spec": ..., "state_dict": ...}``. Nothing in any of them is executed:
+torch files load with ``weights_only=True``, pickles with a restricted unpickler, ONNX graphs are
+parsed node by node. Every failure a user can cause is a one-line :class:`CompressorError`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
-from compressor.policy.importers import cleanrl, sb3
+from compressor.policy.importers import cleanrl, onnx_policy, rslrl, sb3
 from compressor.policy.importers.common import (
     ImportResult,
     apply_norm_stats,
@@ -27,13 +28,9 @@ from compressor.policy.importers.common import (
     resolve_env_id,
     torch_load_safe,
 )
-from compressor.policy.model import (
-    Policy,
-    PolicySpec,
-    check_finite,
-)
+from compressor.policy.model import DISCRETE_HEADS, Policy, PolicySpec, check_finite
 from compressor.policy.native import policy_from_dict, policy_to_dict, sha256_file
-from compressor.policy.value import ValueNet
+from compressor.policy.value import QNet, ValueNet
 from compressor.rl.envs import check_policy_fits_env
 
 NATIVE = "native"
@@ -50,8 +47,11 @@ class LoadedPolicy:
     :param critic: its value network on normalised observations, when the file has one.
     :param warnings: things the user must see (missing statistics, env version mapped, ...).
     :param path: the file it came from.
-    :param format: ``native``, ``sb3-zip``, ``cleanrl`` or ``state-dict+spec``.
+    :param format: ``native``, ``sb3-zip``, ``cleanrl``, ``rsl_rl``, ``onnx`` or
+        ``state-dict+spec``.
     :param sha256: SHA-256 of the file.
+    :param q_nets: the Q-networks the file holds beyond the actor (SAC/TD3/TQC critics, DQN's
+        target network), for the stages that can use them.
     """
 
     policy: Policy
@@ -60,6 +60,7 @@ class LoadedPolicy:
     path: Path
     format: str
     sha256: str = field(default="")
+    q_nets: list[QNet] = field(default_factory=list)
 
 
 # ---- dispatch ------------------------------------------------------------------------------
@@ -67,13 +68,17 @@ def load_policy(
     path: str | Path,
     *,
     env_id: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
     vecnormalize: str | Path | None = None,
 ) -> LoadedPolicy:
     """Load any supported policy file, without executing anything it contains.
 
-    :param path: native ``.pt``, SB3 ``.zip``, CleanRL model, or ``{"spec", "state_dict"}`` file.
+    :param path: native ``.pt``, SB3 ``.zip``, CleanRL model, rsl_rl checkpoint, ``.onnx``, or
+        ``{"spec", "state_dict"}`` file.
     :param env_id: the environment to use instead of the one recorded or inferred (needed for
-        CleanRL models outside their run folder).
+        CleanRL models outside their run folder, rsl_rl checkpoints and foreign ONNX files): a
+        gymnasium id, or ``module:EnvName-v0`` to import a module that registers it.
+    :param env_kwargs: keyword arguments for ``gymnasium.make`` instead of the recorded ones.
     :param vecnormalize: observation statistics to install (SB3 ``vecnormalize.pkl``, or
         ``.npz``/``.json`` with mean and var); default: found beside an SB3 zip.
     :raises CompressorError: missing, empty, truncated or corrupt file, refused pickle content,
@@ -97,19 +102,24 @@ def load_policy(
         except (zipfile.BadZipFile, UnicodeDecodeError, NotImplementedError):
             raise CompressorError(f"{p}: truncated or corrupt zip file") from None
         if sb3.is_sb3_zip(names):
-            result, fmt = sb3.import_sb3(p, env_id, vecnormalize), sb3.FORMAT
+            result, fmt = sb3.import_sb3(p, env_id, vecnormalize, env_kwargs), sb3.FORMAT
         elif any(n.endswith("data.pkl") for n in names):  # torch.save's zip container
-            result, fmt = _from_torch_object(torch_load_safe(p, p.name), p, env_id, vecnormalize)
+            obj = torch_load_safe(p, p.name)
+            result, fmt = _from_torch_object(obj, p, env_id, vecnormalize, env_kwargs)
         else:
             raise CompressorError(
                 f"{p}: zip file is not a policy (neither an SB3 model nor a torch file)"
             )
     elif magic[:1] == bytes([_PICKLE_PROTO]):
-        result, fmt = _from_torch_object(torch_load_safe(p, p.name), p, env_id, vecnormalize)
+        obj = torch_load_safe(p, p.name)
+        result, fmt = _from_torch_object(obj, p, env_id, vecnormalize, env_kwargs)
+    elif onnx_policy.looks_like_onnx(p, magic):
+        result = onnx_policy.import_onnx(p, env_id, vecnormalize, env_kwargs)
+        fmt = onnx_policy.FORMAT
     else:
         raise CompressorError(
             f"{p}: not a recognised policy file (expected a native .pt, an SB3 .zip, a CleanRL "
-            "model or a torch-saved state dict with spec)"
+            "model, an rsl_rl checkpoint, an .onnx policy or a torch-saved state dict with spec)"
         )
 
     policy = result.policy
@@ -119,25 +129,35 @@ def load_policy(
         if result.critic is not None
         else None
     )
-    return LoadedPolicy(policy, critic, result.warnings, p, fmt, sha256_file(p))
+    q_nets = [
+        QNet.from_entry(e, policy.spec.obs_dim, policy.spec.act_dim, p.name) for e in result.q_nets
+    ]
+    return LoadedPolicy(policy, critic, result.warnings, p, fmt, sha256_file(p), q_nets)
 
 
 def _from_torch_object(
-    obj: Any, path: Path, env_id: str | None, vecnormalize: str | Path | None
+    obj: Any,
+    path: Path,
+    env_id: str | None,
+    vecnormalize: str | Path | None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> tuple[ImportResult, str]:
     origin = path.name
     if isinstance(obj, dict) and "format" in obj:
         policy, fmt = policy_from_dict(obj, origin), NATIVE
     elif isinstance(obj, dict) and "spec" in obj and "state_dict" in obj:
         policy, fmt = _from_plain(obj, origin), PLAIN
+    elif rslrl.looks_like_rsl_rl(obj):
+        return rslrl.import_rsl_rl(obj, path, env_id, vecnormalize, env_kwargs), rslrl.FORMAT
     elif cleanrl.looks_like_cleanrl(obj):
-        return cleanrl.import_cleanrl(obj, path, env_id, vecnormalize), cleanrl.FORMAT
+        result = cleanrl.import_cleanrl(obj, path, env_id, vecnormalize, env_kwargs=env_kwargs)
+        return result, cleanrl.FORMAT
     elif isinstance(obj, dict) and any(str(k).startswith("mlp_extractor.") for k in obj):
         raise CompressorError(f"{origin}: an SB3 policy.pth alone; pass the model .zip instead")
     elif isinstance(obj, (tuple, list)):
         raise CompressorError(
-            f"{origin}: holds several networks (CleanRL SAC/TD3/DQN?); only PPO agents and "
-            "single policies are supported"
+            f"{origin}: holds several networks, none of them a CleanRL actor this tool reads "
+            "(fc1.., fc_mu or fc_mean with action_scale/action_bias)"
         )
     else:
         raise CompressorError(f"{origin}: unknown architecture (not a policy this tool can read)")
@@ -153,13 +173,18 @@ def _from_torch_object(
         spec.source.setdefault("sha256", sha256_file(path))
     if env_id is not None:
         spec.env_id = env_id
+    if env_kwargs is not None:
+        spec.env_kwargs = dict(env_kwargs)
     if vecnormalize is not None:
         stats_path = Path(vecnormalize)
         apply_norm_stats(policy, load_norm_stats(stats_path))
         spec.source["obs_stats"] = {"file": stats_path.name, "sha256": sha256_file(stats_path)}
         warnings.append(f"normalisation statistics in {origin} replaced by {stats_path.name}")
     critic = obj.get("critic") if isinstance(obj, dict) else None
-    return ImportResult(policy=policy, critic=critic, warnings=warnings), fmt
+    q_nets = obj.get("q_nets", []) if isinstance(obj, dict) else []
+    if not isinstance(q_nets, list):
+        raise CompressorError(f"{origin}: malformed q_nets entry (not a list)")
+    return ImportResult(policy=policy, critic=critic, warnings=warnings, q_nets=q_nets), fmt
 
 
 def _from_plain(obj: dict[str, Any], origin: str) -> Policy:
@@ -183,6 +208,7 @@ def _from_plain(obj: dict[str, Any], origin: str) -> Policy:
     full = policy.state_dict()
     required = {k for k in full if k.startswith("layers.")}
     required |= {"log_std"} if "log_std" in full else set()
+    required |= {k for k in full if k.startswith("log_std_layer.")}
     required |= {"obs_mean", "obs_var"} if spec.obs_norm else set()
     missing = sorted(required - state.keys())
     unexpected = sorted(set(state) - set(full), key=str)  # a corrupt file may have non-str keys
@@ -190,7 +216,8 @@ def _from_plain(obj: dict[str, Any], origin: str) -> Policy:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {str(unexpected[0])!r}"
         raise CompressorError(
             f"{origin}: state_dict does not match the spec ({what}); keys must be those of "
-            "compressor.policy.model.Policy (layers.<i>.weight, layers.<i>.bias, log_std, ...)"
+            "compressor.policy.model.Policy (layers.<i>.weight, layers.<i>.bias, log_std, "
+            "log_std_layer.weight, ...)"
         )
     try:
         policy.load_state_dict({**full, **state}, strict=True)
@@ -225,8 +252,10 @@ def _check_env(policy: Policy, warnings: list[str], explicit: bool) -> None:
             spec.source.setdefault("trained_env_id", spec.env_id)
             spec.env_id = env_id
             warnings.append(note)
-    discrete = spec.head == "categorical"
-    check_policy_fits_env(spec.obs_dim, spec.act_dim, discrete, spec.env_id, spec.env_kwargs)
+    discrete = spec.head in DISCRETE_HEADS
+    check_policy_fits_env(
+        spec.obs_dim, spec.act_dim, discrete, spec.env_id, spec.env_kwargs, spec.env_wrappers
+    )
 
 
 # ---- saving and describing -----------------------------------------------------------------
@@ -239,6 +268,8 @@ def save_loaded(loaded: LoadedPolicy, path: str | Path) -> None:
     payload = policy_to_dict(loaded.policy)
     if loaded.critic is not None:
         payload["critic"] = loaded.critic.to_entry()
+    if loaded.q_nets:
+        payload["q_nets"] = [q.to_entry() for q in loaded.q_nets]
     atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -262,14 +293,16 @@ def describe(loaded: LoadedPolicy) -> dict[str, Any]:
     else:
         stats_source = "stored in the policy file"
     bounds = None
-    if spec.head != "categorical" and spec.action_low is not None:
+    if spec.head not in DISCRETE_HEADS and spec.action_low is not None:
         bounds = {
             "low": _finite_or_none(spec.action_low),
             "high": _finite_or_none(spec.action_high),
         }
-    std = None
-    if spec.head in ("gaussian", "squashed_gaussian"):
+    std: list[float] | str | None = None
+    if policy.std_kind == "parameter":
         std = [round(float(s), 6) for s in policy.log_std.detach().exp()]
+    elif policy.std_kind == "state":
+        std = "state-dependent (a Linear layer on the last hidden activation)"
     return {
         "file": str(loaded.path),
         "format": loaded.format,
@@ -288,13 +321,19 @@ def describe(loaded: LoadedPolicy) -> dict[str, Any]:
             "stats_source": stats_source,
         },
         "action_bounds": bounds,
+        "action_map": policy.action_map,
         "action_std": std,
+        "env_wrappers": list(spec.env_wrappers),
         "parameters": policy.num_parameters(),
         "nonzero_parameters": policy.num_parameters(nonzero_only=True),
         "sparsity": round(policy.sparsity(), 6),
         "critic": None
         if loaded.critic is None
         else {"hidden": list(loaded.critic.hidden), "activation": loaded.critic.activation},
+        "q_nets": [
+            {"kind": q.kind, "role": q.role, "hidden": list(q.hidden), "activation": q.activation}
+            for q in loaded.q_nets
+        ],
         "source": dict(spec.source),
         "warnings": list(loaded.warnings),
     }

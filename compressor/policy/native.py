@@ -1,6 +1,12 @@
 """The native policy file: `torch.save` of a dict of tensors, numbers, strings, lists and dicts
 only, so it loads with ``torch.load(weights_only=True)``: a format tag with a version, the spec,
-the state dict (masks as bool) and, optionally, a critic entry.
+the state dict (masks as bool) and, optionally, a ``"critic"`` entry (a state-value net) and a
+``"q_nets"`` entry (Q-networks: SAC/TD3/TQC critics, DQN's target net).
+
+Version 2 added the spec fields of the off-policy heads (``state_dependent_std``,
+``log_std_bounds``, ``log_std_transform``, ``squash``, ``exploration``) and ``env_wrappers``, and
+the ``"q_nets"`` entry; a version 1 file is a version 2 file that uses none of them, so both are
+read (their defaults describe version 1 exactly).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from compressor.core.errors import CompressorError
 from compressor.policy.model import Policy, PolicySpec, check_finite
 
 FORMAT_TAG = "edge-policy-compressor/policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this tool reads.
+READABLE_VERSIONS = (1, 2)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -48,11 +56,11 @@ def policy_from_dict(obj: Any, origin: str = "policy") -> Policy:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG:
         raise CompressorError(f"{origin}: not a native compressor policy (missing format tag)")
     version = obj.get("version")
-    if not isinstance(version, int) or version != FORMAT_VERSION:  # a corrupt file: any type
+    if not isinstance(version, int) or version not in READABLE_VERSIONS:  # corrupt: any type
         shown = version if isinstance(version, int) else "(missing or not an integer)"
         raise CompressorError(
             f"{origin}: native format version {shown} is not supported "
-            f"(this tool reads version {FORMAT_VERSION})"
+            f"(this tool reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     if not isinstance(obj.get("spec"), dict):
         raise CompressorError(f"{origin}: malformed policy spec (not a table)")

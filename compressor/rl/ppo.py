@@ -29,7 +29,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.progress import Progress, no_progress
 from compressor.policy.model import Policy, PolicySpec
 from compressor.policy.native import policy_to_dict
-from compressor.rl.envs import env_dims
+from compressor.rl.envs import env_dims, make_vector_env
 
 
 @dataclass
@@ -108,21 +108,22 @@ def _per_action(policy: Policy, x: torch.Tensor) -> torch.Tensor:
     return x if policy.spec.head == "categorical" else x.sum(-1)
 
 
-def make_train_envs(env_id: str, env_kwargs: dict[str, Any], num_envs: int) -> gym.vector.VectorEnv:
+def make_train_envs(
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    num_envs: int,
+    wrappers: list[dict[str, Any]] | None = None,
+) -> gym.vector.VectorEnv:
     """PPO's vector env: sub-envs reset themselves inside ``step`` (rollouts cross episode
-    ends), unlike the evaluation engine's explicitly seeded episodes."""
+    ends), unlike the evaluation engine's explicitly seeded episodes. ``wrappers``: the
+    policy's ``spec.env_wrappers`` (fine-tuning a policy trained behind them)."""
     if gym.spec(env_id).vector_entry_point is not None:
         # envs that batch their own sub-envs (learned adversaries); they auto-reset in-step
         return gym.make_vec(
             env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **env_kwargs
         )
-    return gym.make_vec(
-        env_id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-        **env_kwargs,
-    )
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    return make_vector_env(env_id, env_kwargs, num_envs, wrappers, autoreset=same_step)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class RolloutStream:
     :param num_envs: sub-envs. :param seed: reset seed of the first episodes.
     :param gamma: discount (the reward scale is the std of the discounted return).
     :param norm_reward: scale rewards as SB3's VecNormalize does (clipped to ±10).
+    :param wrappers: the policy's ``spec.env_wrappers`` (see :mod:`compressor.rl.wrappers`).
     """
 
     def __init__(
@@ -179,13 +181,14 @@ class RolloutStream:
         seed: int,
         gamma: float,
         norm_reward: bool,
+        wrappers: list[dict[str, Any]] | None = None,
     ) -> None:
-        dims = env_dims(env_id, env_kwargs)
+        dims = env_dims(env_id, env_kwargs, wrappers)
         self.discrete = bool(dims["discrete"])
         self.obs_dim, self.act_dim = int(dims["obs_dim"]), int(dims["act_dim"])
         self.low, self.high = dims["low"], dims["high"]
         self.n, self.gamma, self.norm_reward = num_envs, gamma, norm_reward
-        self.envs = make_train_envs(env_id, env_kwargs, num_envs)
+        self.envs = make_train_envs(env_id, env_kwargs, num_envs, wrappers)
         self.ret_rms, self.disc_ret = RunningMeanStd(), np.zeros(num_envs)
         self.ep_ret, self.recent = np.zeros(num_envs), cast(list[float], [])
         self.raw_obs, _ = self.envs.reset(seed=seed)

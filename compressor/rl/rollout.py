@@ -121,7 +121,9 @@ def rollout(
     if n_eps == 0:
         raise ValueError("rollout needs at least one seed")
     n = min(num_envs, n_eps)
-    envs = make_vector_env(env_id, env_kwargs, n)
+    # the wrappers the policy was trained behind (a RandomActor has none: it reads no obs)
+    wrappers = getattr(getattr(policy, "spec", None), "env_wrappers", None)
+    envs = make_vector_env(env_id, env_kwargs, n, wrappers)
     t0 = time.perf_counter()
     returns = np.zeros(n_eps)
     lengths = np.zeros(n_eps, dtype=np.int64)
@@ -142,7 +144,9 @@ def rollout(
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             if record_states:
                 states.append(obs[active].astype(np.float32))
-            seen = obs_t
+            # the clean policy sees the env's own dtype: float64 observations are normalised
+            # in float64, as SB3 does (Policy.normalize); attacks work on float32 as before
+            seen = torch.as_tensor(obs) if obs.dtype == np.float64 else obs_t
             if perturb is not None:  # only the running episodes' observations are attacked
                 seen = obs_t.clone()
                 seen[active] = perturb(obs_t[active])

@@ -21,6 +21,7 @@ from compressor.core.progress import Reporter
 from compressor.deploy.export import export_onnx
 from compressor.evaluate import SuiteResult, evaluate_suite, random_action_return
 from compressor.policy.loading import load_policy
+from compressor.policy.model import DISCRETE_HEADS
 from compressor.policy.native import save_policy
 from compressor.prune.criteria import PRUNE_METHODS
 from compressor.rl.envs import check_policy_fits_env
@@ -65,8 +66,9 @@ def set_up(
             reporter.note("warning: no value function in the file: no critic attack")
         prof = without_critic_attacks(prof)
     spec, tgt = loaded.policy.spec, target or Target()
+    discrete = spec.head in DISCRETE_HEADS
     check_policy_fits_env(
-        spec.obs_dim, spec.act_dim, spec.head == "categorical", prof.env.id, prof.env.kwargs
+        spec.obs_dim, spec.act_dim, discrete, prof.env.id, prof.env.kwargs, spec.env_wrappers
     )
     run_config = {
         "source_sha256": loaded.sha256,
