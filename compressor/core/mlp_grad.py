@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 _ACTIVATIONS: dict[type[nn.Module], str] = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.ELU: "elu"}
 
 
+# the kernels autograd's backward nodes call (resolved once: each lookup costs a few µs)
+_TANH_BACKWARD = torch.ops.aten.tanh_backward.default
+_THRESHOLD_BACKWARD = torch.ops.aten.threshold_backward.default
+_ELU_BACKWARD = torch.ops.aten.elu_backward.default
+
+
 def _activate(name: str, h: torch.Tensor) -> torch.Tensor:
     if name == "tanh":
         return torch.tanh(h)
@@ -46,10 +52,10 @@ def _activation_backward(
 ) -> torch.Tensor:
     """``g · act'(pre)`` exactly as autograd computes it (the same ATen kernels)."""
     if name == "tanh":
-        return torch.ops.aten.tanh_backward(g, post)
+        return _TANH_BACKWARD(g, post)
     if name == "relu":
-        return torch.ops.aten.threshold_backward(g, post, 0)
-    return torch.ops.aten.elu_backward(g, 1.0, 1.0, 1.0, False, pre)
+        return _THRESHOLD_BACKWARD(g, post, 0)
+    return _ELU_BACKWARD(g, 1.0, 1.0, 1.0, False, pre)
 
 
 @dataclass(frozen=True)

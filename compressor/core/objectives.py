@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from compressor.policy.model import Policy
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
+#: the kernel autograd's ``log_softmax`` backward calls (the same numbers)
+_LOG_SOFTMAX_BACKWARD = torch.ops.aten._log_softmax_backward_data.default
 
 
 @dataclass
@@ -162,7 +164,7 @@ def _divergence_grad(policy: Policy, clean: torch.Tensor) -> HeadGrad | None:
 
         def categorical(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             lb = torch.log_softmax(out, -1)
-            g = torch.ops.aten._log_softmax_backward_data(-pa, lb, -1, lb.dtype)
+            g = _LOG_SOFTMAX_BACKWARD(-pa, lb, -1, lb.dtype)
             return (pa * (la - lb)).sum(-1), g
 
         return categorical
