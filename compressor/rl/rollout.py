@@ -177,7 +177,7 @@ def rollout(
             if record_states:
                 states.append(obs[active].astype(np.float32))
             seen = obs_t
-            if perturb is not None and next_episode < n_eps:  # every slot runs an episode
+            if perturb is not None and bool(active.all()):
                 seen = perturb(obs_t)
             elif perturb is not None:  # only the running episodes' observations are attacked
                 seen = obs_t.clone()
