@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +58,45 @@ from compressor.policy.loading import load_policy
 from compressor.policy.model import Policy
 from compressor.prune.criteria import prune
 from compressor.report.performance import raw_steps_per_s
+from compressor.rl.envs import make_vector_env
 from compressor.rl.rollout import rollout
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _cpu(f: Callable[[], Any]) -> tuple[Any, float]:
+    """``f()`` and the CPU seconds this process spent in it (other jobs' load left out)."""
+    c0 = time.process_time()
+    out = f()
+    return out, time.process_time() - c0
+
+
+def _creation_cpu(env_id: str, num_envs: int) -> float:
+    """CPU seconds of making and closing the vector env (inside every timed call below, outside
+    their own wall-clock timers): subtracted from the CPU times."""
+    return min(_cpu(lambda: make_vector_env(env_id, {}, num_envs).close())[1] for _ in range(2))
+
+
 def throughput(policy_path: str, env_id: str, eps: float, num_envs: int, episodes: int) -> dict:
-    """Clean and MAD evaluation throughput over raw simulator throughput, same env count."""
+    """Clean and MAD evaluation throughput over raw simulator throughput, same env count, by
+    wall clock (the goal's measure) and by this process's CPU time (steadier on a shared
+    machine: another job's load slows the wall clock of whatever runs at that moment)."""
+    torch.set_num_threads(1)
     policy = load_policy(policy_path).policy.eval()
     seeds = list(range(episodes))
     raw_steps = 20 * num_envs * 50
-    before = raw_steps_per_s(env_id, num_envs, raw_steps)
-    clean, _ = evaluate(policy, env_id, {}, seeds, num_envs=num_envs)
-    mad = evaluate_attack(policy, env_id, {}, seeds, "mad", ThreatModel(eps), num_envs=num_envs)
-    after = raw_steps_per_s(env_id, num_envs, raw_steps, seed=1)
+    make = _creation_cpu(env_id, num_envs)
+    before, c_before = _cpu(lambda: raw_steps_per_s(env_id, num_envs, raw_steps))
+    (clean, _), c_clean = _cpu(lambda: evaluate(policy, env_id, {}, seeds, num_envs=num_envs))
+    mad, c_mad = _cpu(
+        lambda: evaluate_attack(
+            policy, env_id, {}, seeds, "mad", ThreatModel(eps), num_envs=num_envs
+        )
+    )
+    after, c_after = _cpu(lambda: raw_steps_per_s(env_id, num_envs, raw_steps, seed=1))
     raw = (before + after) / 2
+    raw_cpu = 2 * raw_steps / (c_before + c_after - 2 * make)
+    clean_cpu, mad_cpu = clean.steps / (c_clean - make), mad.steps / (c_mad - make)
     return {
         "num_envs": num_envs,
         "raw_steps_per_s": round(raw, 1),
@@ -80,6 +104,13 @@ def throughput(policy_path: str, env_id: str, eps: float, num_envs: int, episode
         "mad_steps_per_s": round(mad.steps / mad.wall_s, 1),
         "clean_over_raw": round(clean.steps / clean.wall_s / raw, 3),
         "mad_over_raw": round(mad.steps / mad.wall_s / raw, 3),
+        "cpu": {
+            "raw_steps_per_s": round(raw_cpu, 1),
+            "clean_steps_per_s": round(clean_cpu, 1),
+            "mad_steps_per_s": round(mad_cpu, 1),
+            "clean_over_raw": round(clean_cpu / raw_cpu, 3),
+            "mad_over_raw": round(mad_cpu / raw_cpu, 3),
+        },
     }
 
 
@@ -103,28 +134,36 @@ def worktree(rev: str) -> Iterator[Path]:
 def baseline_throughput(
     tree: Path, policy_path: str, env_id: str, eps: float, num_envs: int, episodes: int
 ) -> dict:
-    """:func:`throughput` as the code in ``tree`` measures it (its own suite, a subprocess
-    that imports that tree's ``compressor``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "t.json"
-        r = subprocess.run(
-            [sys.executable, str(tree / "benchmarks" / "suite.py"), "--only", "throughput",
-             "--policy", policy_path, "--env", env_id, "--eps", str(eps),
-             "--num-envs", str(num_envs), "--episodes", str(episodes), "--json", str(out)],
-            cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
-        )  # fmt: skip
-        if r.returncode != 0 or not out.is_file():
-            raise SystemExit(f"baseline throughput failed: {r.stderr.strip()[-400:]}")
-        return dict(json.loads(out.read_text())["throughput"][0])
+    """:func:`throughput`, this very function, run on the ``compressor`` package of ``tree``
+    (a subprocess with that tree first on its path; the tree must have this layout: a365a3e
+    or later)."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import suite; "
+        "print(json.dumps(suite.throughput(sys.argv[2], sys.argv[3], float(sys.argv[4]), "
+        "int(sys.argv[5]), int(sys.argv[6]))))"
+    )
+    args = [str(REPO / "benchmarks"), policy_path, env_id, str(eps), str(num_envs), str(episodes)]
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise SystemExit(f"baseline throughput failed: {r.stderr.strip()[-600:]}")
+    out: dict = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
 
 
 def throughput_line(label: str, t: dict) -> str:
-    """One throughput line in the form the issue asks for."""
+    """One throughput line in the form the issue asks for, and the same by CPU time."""
     goal = {16: " (goal ≥ 0.5)", 64: " (goal ≥ 0.7)"}.get(t["num_envs"], "")
+    c = t["cpu"]
     return (
         f"{t['num_envs']:3d} envs: raw {t['raw_steps_per_s']:7.0f}/s  clean "
         f"{t['clean_steps_per_s']:7.0f}/s  MAD {t['mad_steps_per_s']:7.0f}/s  clean/raw "
-        f"{t['clean_over_raw']:.2f}  MAD/raw {t['mad_over_raw']:.2f}{goal}  [{label}]"
+        f"{t['clean_over_raw']:.2f}  MAD/raw {t['mad_over_raw']:.2f}{goal}  [{label}]\n"
+        f"     by CPU time: raw {c['raw_steps_per_s']:7.0f}/s  clean "
+        f"{c['clean_steps_per_s']:7.0f}/s  MAD {c['mad_steps_per_s']:7.0f}/s  clean/raw "
+        f"{c['clean_over_raw']:.2f}  MAD/raw {c['mad_over_raw']:.2f}"
     )
 
 
@@ -306,28 +345,30 @@ def compress_runs(source: str, out_dir: Path) -> dict:
 
 
 def print_throughput(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Section 1 (with ``--baseline``: the old code's line before each of the new's)."""
+    """Section 1 (with ``--baseline``: the old code's lines right before the new's)."""
     print(f"== throughput ({args.env}, {Path(args.policy).name}, ε {args.eps}) ==")
     policy = str(Path(args.policy).resolve())
     with contextlib.ExitStack() as stack:
         tree = stack.enter_context(worktree(args.baseline)) if args.baseline else None
-        for n in args.num_envs:
-            if tree is not None:
-                old = baseline_throughput(tree, policy, args.env, args.eps, n, args.episodes)
-                results.setdefault("throughput_baseline", []).append(old)
-                print(throughput_line(f"old path, {args.baseline}", old), flush=True)
-            t = throughput(policy, args.env, args.eps, n, args.episodes)
-            results["throughput"].append(t)
-            print(throughput_line("new path" if tree is not None else "this tree", t))
-            if tree is not None:
-                mad_x = t["mad_steps_per_s"] / old["mad_steps_per_s"]
-                clean_x = t["clean_steps_per_s"] / old["clean_steps_per_s"]
-                t["speedup_over_baseline"] = dict(mad=round(mad_x, 3), clean=round(clean_x, 3))
-                print(
-                    f"          new/old: MAD-attacked evaluation {mad_x:.2f}×, clean "
-                    f"evaluation {clean_x:.2f}×",
-                    flush=True,
-                )
+        for _ in range(args.repeat):
+            for n in args.num_envs:
+                if tree is not None:
+                    old = baseline_throughput(tree, policy, args.env, args.eps, n, args.episodes)
+                    results.setdefault("throughput_baseline", []).append(old)
+                    print(throughput_line(f"old path, {args.baseline}", old), flush=True)
+                t = throughput(policy, args.env, args.eps, n, args.episodes)
+                results["throughput"].append(t)
+                print(throughput_line("new path" if tree is not None else "this tree", t))
+                if tree is not None:
+                    t["new_over_old"] = {
+                        k: round(t[f"{k}_steps_per_s"] / old[f"{k}_steps_per_s"], 3)
+                        for k in ("clean", "mad")
+                    }
+                    print(
+                        f"     new/old: MAD-attacked evaluation {t['new_over_old']['mad']:.2f}×, "
+                        f"clean evaluation {t['new_over_old']['clean']:.2f}× (wall clock)",
+                        flush=True,
+                    )
 
 
 def print_rates(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -383,6 +424,7 @@ def main() -> None:
     ap.add_argument(
         "--baseline", metavar="REV", help="also measure throughput on the code of commit REV"
     )
+    ap.add_argument("--repeat", type=int, default=1, help="throughput measurements per env count")
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--scaling-envs", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--finetune-steps", type=int, default=200)
