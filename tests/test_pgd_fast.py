@@ -175,3 +175,16 @@ def test_unrecognised_networks_fall_back_to_autograd() -> None:
             torch.Generator().manual_seed(1),
         )
         torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+
+
+def test_attack_point_feeds_a_training_loss() -> None:
+    # PGD runs under inference mode on the fast path; what it returns must still be an
+    # ordinary tensor that a loss on the policy's weights can use (SA-PPO's regulariser)
+    pol = make_policy("gaussian", (8, 8), "tanh", obs_dim=4, act_dim=2, seed=6)
+    x = _states(pol, 16, 7)
+    with torch.no_grad():
+        ref = pol(x)
+    adv = max_divergence_point(pol, x, pol.obs_scale(), ThreatModel(0.3), 4, None, ref=ref)
+    assert not adv.is_inference()
+    pol.divergence(ref, pol(adv)).mean().backward()
+    assert pol.layers[0].weight.grad is not None and pol.layers[0].weight.grad.abs().sum() > 0
