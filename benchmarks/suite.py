@@ -1,18 +1,27 @@
 """Where the time goes: throughput ratios, executor speedups, per-stage shares and peak memory,
 all measured in one run of this script (ratios, so a shared machine's load hits both sides).
 
-    python benchmarks/suite.py                       # everything (about 15 min on 2 cores)
+    python benchmarks/suite.py                       # everything (about 20 min on 2 cores)
     python benchmarks/suite.py --skip-runs           # without the two `compress run` jobs
+    python benchmarks/suite.py --only throughput --baseline fc1a109   # before/after, one run
     python benchmarks/suite.py --json suite.json     # also write the numbers as JSON
 
-1. Throughput, same env count: clean evaluation / raw simulator (goal ≥ 0.7) and MAD-attacked
-   evaluation / raw simulator (goal ≥ 0.25). Raw: the rollout engine's vector env stepped with
-   random actions, measured before and after the evaluations and averaged.
-2. Executors: the same batch of MAD-attacked evaluation jobs (``evaluate_suite``'s job, one per
+1. Throughput, same env count: clean evaluation / raw simulator and MAD-attacked evaluation /
+   raw simulator (goals: MAD ≥ 0.5 at 16 envs, ≥ 0.7 at 64). Raw: the rollout engine's vector
+   env stepped with random actions, measured before and after the evaluations and averaged.
+   With ``--baseline REV`` the same measurement also runs on the code of commit REV (a
+   temporary git worktree, in a subprocess, right before the current code's), so the old and
+   the new path's ratios come from the same run.
+2. Rates: fine-tuning (distillation) steps per second and CROWN (and IBP) bounds per second on
+   the reference policy, one thread.
+3. Scaling: wall time of evaluation, MAD-attacked evaluation, CROWN certification and
+   distillation as the network grows (64², 256², 1024² hidden, random weights on the env's
+   shapes) and, for the two that simulate, as the env count grows (1, 16, 64).
+4. Executors: the same batch of MAD-attacked evaluation jobs (``evaluate_suite``'s job, one per
    block of seeds) on ``local`` with 1 and 2 workers and on a private local Ray instance with 1
    and 2 CPUs; speedup = time(1) / time(2). Pools are warmed up first (start-up is excluded and
    printed apart); every executor must return the same numbers.
-3. ``compress run`` on the reference policy (default ``hopper``) with ``--workers 1`` and with
+5. ``compress run`` on the reference policy (default ``hopper``) with ``--workers 1`` and with
    ``--workers 2``: end-to-end speedup, the share of each stage (from report.json's
    ``performance`` block), peak memory (the report's bound and the largest process's maximum
    resident set, from the OS), goal under 2 GiB; both runs must choose the same sparsity.
@@ -21,36 +30,73 @@ all measured in one run of this script (ratios, so a shared machine's load hits 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import math
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from compressor.attacks import AttackContext, make_attack
+from compressor.certify.local import output_bounds
+from compressor.core.config import FinetuneConfig
 from compressor.core.executor import Executor, make_executor
 from compressor.core.threat import ThreatModel
 from compressor.evaluate import _suite_job, evaluate, evaluate_attack
+from compressor.finetune.distill import distill
 from compressor.policy.loading import load_policy
+from compressor.policy.model import Policy
+from compressor.prune.criteria import prune
 from compressor.report.performance import raw_steps_per_s
+from compressor.rl.envs import make_vector_env
+from compressor.rl.rollout import rollout
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _cpu(f: Callable[[], Any]) -> tuple[Any, float]:
+    """``f()`` and the CPU seconds this process spent in it (other jobs' load left out)."""
+    c0 = time.process_time()
+    out = f()
+    return out, time.process_time() - c0
+
+
+def _creation_cpu(env_id: str, num_envs: int) -> float:
+    """CPU seconds of making and closing the vector env (inside every timed call below, outside
+    their own wall-clock timers): subtracted from the CPU times."""
+    return min(_cpu(lambda: make_vector_env(env_id, {}, num_envs).close())[1] for _ in range(2))
+
+
 def throughput(policy_path: str, env_id: str, eps: float, num_envs: int, episodes: int) -> dict:
-    """Clean and MAD evaluation throughput over raw simulator throughput, same env count."""
+    """Clean and MAD evaluation throughput over raw simulator throughput, same env count, by
+    wall clock (the goal's measure) and by this process's CPU time (steadier on a shared
+    machine: another job's load slows the wall clock of whatever runs at that moment)."""
+    torch.set_num_threads(1)
     policy = load_policy(policy_path).policy.eval()
     seeds = list(range(episodes))
     raw_steps = 20 * num_envs * 50
-    before = raw_steps_per_s(env_id, num_envs, raw_steps)
-    clean, _ = evaluate(policy, env_id, {}, seeds, num_envs=num_envs)
-    mad = evaluate_attack(policy, env_id, {}, seeds, "mad", ThreatModel(eps), num_envs=num_envs)
-    after = raw_steps_per_s(env_id, num_envs, raw_steps, seed=1)
+    make = _creation_cpu(env_id, num_envs)
+    before, c_before = _cpu(lambda: raw_steps_per_s(env_id, num_envs, raw_steps))
+    (clean, _), c_clean = _cpu(lambda: evaluate(policy, env_id, {}, seeds, num_envs=num_envs))
+    mad, c_mad = _cpu(
+        lambda: evaluate_attack(
+            policy, env_id, {}, seeds, "mad", ThreatModel(eps), num_envs=num_envs
+        )
+    )
+    after, c_after = _cpu(lambda: raw_steps_per_s(env_id, num_envs, raw_steps, seed=1))
     raw = (before + after) / 2
+    raw_cpu = 2 * raw_steps / (c_before + c_after - 2 * make)
+    clean_cpu, mad_cpu = clean.steps / (c_clean - make), mad.steps / (c_mad - make)
     return {
         "num_envs": num_envs,
         "raw_steps_per_s": round(raw, 1),
@@ -58,7 +104,162 @@ def throughput(policy_path: str, env_id: str, eps: float, num_envs: int, episode
         "mad_steps_per_s": round(mad.steps / mad.wall_s, 1),
         "clean_over_raw": round(clean.steps / clean.wall_s / raw, 3),
         "mad_over_raw": round(mad.steps / mad.wall_s / raw, 3),
+        "cpu": {
+            "raw_steps_per_s": round(raw_cpu, 1),
+            "clean_steps_per_s": round(clean_cpu, 1),
+            "mad_steps_per_s": round(mad_cpu, 1),
+            "clean_over_raw": round(clean_cpu / raw_cpu, 3),
+            "mad_over_raw": round(mad_cpu / raw_cpu, 3),
+        },
     }
+
+
+@contextlib.contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    """A temporary, detached git worktree of this repository at ``rev``."""
+    tmp = Path(tempfile.mkdtemp(prefix="suite-baseline-"))
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tmp), rev],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield tmp
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp)],
+            capture_output=True,
+        )  # fmt: skip
+
+
+def baseline_throughput(
+    tree: Path, policy_path: str, env_id: str, eps: float, num_envs: int, episodes: int
+) -> dict:
+    """:func:`throughput`, this very function, run on the ``compressor`` package of ``tree``
+    (a subprocess with that tree first on its path; the tree must have this layout: a365a3e
+    or later)."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import suite; "
+        "print(json.dumps(suite.throughput(sys.argv[2], sys.argv[3], float(sys.argv[4]), "
+        "int(sys.argv[5]), int(sys.argv[6]))))"
+    )
+    args = [str(REPO / "benchmarks"), policy_path, env_id, str(eps), str(num_envs), str(episodes)]
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise SystemExit(f"baseline throughput failed: {r.stderr.strip()[-600:]}")
+    out: dict = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def throughput_line(label: str, t: dict) -> str:
+    """One throughput line in the form the issue asks for, and the same by CPU time."""
+    goal = {16: " (goal ≥ 0.5)", 64: " (goal ≥ 0.7)"}.get(t["num_envs"], "")
+    c = t["cpu"]
+    return (
+        f"{t['num_envs']:3d} envs: raw {t['raw_steps_per_s']:7.0f}/s  clean "
+        f"{t['clean_steps_per_s']:7.0f}/s  MAD {t['mad_steps_per_s']:7.0f}/s  clean/raw "
+        f"{t['clean_over_raw']:.2f}  MAD/raw {t['mad_over_raw']:.2f}{goal}  [{label}]\n"
+        f"     by CPU time: raw {c['raw_steps_per_s']:7.0f}/s  clean "
+        f"{c['clean_steps_per_s']:7.0f}/s  MAD {c['mad_steps_per_s']:7.0f}/s  clean/raw "
+        f"{c['clean_over_raw']:.2f}  MAD/raw {c['mad_over_raw']:.2f}"
+    )
+
+
+def _states(policy: Policy, env_id: str, n: int) -> np.ndarray:
+    """``n`` states the policy visits (short episodes from seeds 1000...)."""
+    res = rollout(policy, env_id, {}, list(range(1000, 1016)), record_states=True, max_steps=200)
+    assert res.states is not None
+    reps = -(-n // len(res.states))
+    return np.concatenate([res.states] * reps)[:n]
+
+
+def _distill_rate(teacher: Policy, states: np.ndarray, threat: ThreatModel, steps: int) -> float:
+    student = prune(teacher, 0.9)
+    cfg = dataclasses.replace(FinetuneConfig(), steps=steps)
+    warm = dataclasses.replace(cfg, steps=3)  # first-use costs (allocator, Adam state) apart
+    distill(student.clone(), teacher, states, threat, warm, seed=1)
+    st = distill(student, teacher, states, threat, cfg, seed=0)
+    return st.steps / st.wall_s
+
+
+def _bounds_rate(policy: Policy, states: np.ndarray, threat: ThreatModel, method: str) -> float:
+    t0 = time.perf_counter()
+    output_bounds(policy, states, threat, method=method)
+    return len(states) / (time.perf_counter() - t0)
+
+
+def rates(policy_path: str, env_id: str, eps: float, ft_steps: int, n_states: int) -> dict:
+    """Fine-tuning steps per second and CROWN / IBP bounds per second on the reference policy."""
+    policy = load_policy(policy_path).policy.eval()
+    threat = ThreatModel(eps)
+    states = _states(policy, env_id, n_states)
+    return {
+        "finetune_steps": ft_steps,
+        "finetune_steps_per_s": round(_distill_rate(policy, states, threat, ft_steps), 1),
+        "bound_states": n_states,
+        "crown_states_per_s": round(_bounds_rate(policy, states, threat, "crown"), 1),
+        "ibp_states_per_s": round(_bounds_rate(policy, states, threat, "ibp"), 1),
+    }
+
+
+def random_policy(like: Policy, width: int, seed: int) -> Policy:
+    """A two-hidden-layer policy of ``width`` with ``like``'s shapes, normalisation and σ, and
+    PyTorch's default random weights."""
+    torch.manual_seed(seed)
+    spec = dataclasses.replace(like.spec, hidden=[width, width], source={})
+    p = Policy(spec)
+    with torch.no_grad():
+        p.obs_mean.copy_(like.obs_mean)
+        p.obs_var.copy_(like.obs_var)
+        if hasattr(like, "log_std"):
+            p.log_std.copy_(like.log_std)
+    return p.eval()
+
+
+def _per_kstep(policy: Policy, env_id: str, threat: ThreatModel, envs: int, attack: bool) -> float:
+    """Seconds per 1000 env steps of clean or MAD-attacked rollouts: one episode per env
+    (at least 4), each cut at 50 steps."""
+    seeds = list(range(max(4, envs)))
+    perturb = make_attack("mad", AttackContext(policy, threat, 0)).perturb if attack else None
+    res = rollout(policy, env_id, {}, seeds, num_envs=envs, perturb=perturb, max_steps=50)
+    return 1000 * res.wall_s / res.steps
+
+
+def scaling(
+    policy_path: str, env_id: str, eps: float, widths: list[int], envs: list[int]
+) -> list[dict]:
+    """Per-size rows: s per 1000 env steps of evaluation and attack at each env count, s per
+    1000 states of CROWN, s per distillation step (batch 256)."""
+    like = load_policy(policy_path).policy.eval()
+    threat = ThreatModel(eps)
+    states = _states(like, env_id, 256)
+    rows = []
+    for width in widths:
+        p = random_policy(like, width, seed=width)
+        row: dict[str, Any] = {"width": width, "parameters": p.num_parameters()}
+        for n in envs:
+            row[f"eval_s_per_kstep_{n}"] = round(_per_kstep(p, env_id, threat, n, False), 4)
+            row[f"mad_s_per_kstep_{n}"] = round(_per_kstep(p, env_id, threat, n, True), 4)
+        row["crown_s_per_kstate"] = round(1000 / _bounds_rate(p, states[:64], threat, "crown"), 4)
+        row["distill_s_per_step"] = round(1 / _distill_rate(p, states, threat, 20), 5)
+        rows.append(row)
+    return rows
+
+
+def growth_notes(rows: list[dict]) -> list[str]:
+    """Each stage's growth exponent in the parameter count between consecutive sizes (1 =
+    linear); a note where it exceeds 1.1."""
+    notes = []
+    keys = [k for k in rows[0] if k.endswith(("kstep_1", "kstep_64", "kstate", "per_step"))]
+    for a, b in zip(rows[:-1], rows[1:]):
+        dp = math.log(b["parameters"] / a["parameters"])
+        for k in keys:
+            e = math.log(b[k] / a[k]) / dp
+            if e > 1.1:
+                notes.append(f"{k}: {a['width']}² → {b['width']}² grows as parameters^{e:.2f}")
+    return notes
 
 
 def _timed_map(ex: Executor, jobs: list[tuple[Any, ...]]) -> tuple[float, float, list[Any]]:
@@ -143,6 +344,72 @@ def compress_runs(source: str, out_dir: Path) -> dict:
     return out
 
 
+def print_throughput(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Section 1 (with ``--baseline``: the old code's lines right before the new's)."""
+    print(f"== throughput ({args.env}, {Path(args.policy).name}, ε {args.eps}) ==")
+    policy = str(Path(args.policy).resolve())
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(worktree(args.baseline)) if args.baseline else None
+        for _ in range(args.repeat):
+            for n in args.num_envs:
+                if tree is not None:
+                    old = baseline_throughput(tree, policy, args.env, args.eps, n, args.episodes)
+                    results.setdefault("throughput_baseline", []).append(old)
+                    print(throughput_line(f"old path, {args.baseline}", old), flush=True)
+                t = throughput(policy, args.env, args.eps, n, args.episodes)
+                results["throughput"].append(t)
+                print(throughput_line("new path" if tree is not None else "this tree", t))
+                if tree is not None:
+                    t["new_over_old"] = {
+                        k: round(t[f"{k}_steps_per_s"] / old[f"{k}_steps_per_s"], 3)
+                        for k in ("clean", "mad")
+                    }
+                    print(
+                        f"     new/old: MAD-attacked evaluation {t['new_over_old']['mad']:.2f}×, "
+                        f"clean evaluation {t['new_over_old']['clean']:.2f}× (wall clock)",
+                        flush=True,
+                    )
+
+
+def print_rates(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Section 2."""
+    print(f"== rates ({Path(args.policy).name}, one thread) ==")
+    r = rates(args.policy, args.env, args.eps, args.finetune_steps, args.bound_states)
+    results["rates"] = r
+    print(
+        f"fine-tuning (distillation, batch 256, 25% PGD-3 rows, 90% sparse student): "
+        f"{r['finetune_steps_per_s']:.1f} steps/s over {r['finetune_steps']} steps"
+    )
+    print(
+        f"local bounds on {r['bound_states']} visited states: CROWN "
+        f"{r['crown_states_per_s']:.0f} states/s (10,000 in "
+        f"{10_000 / r['crown_states_per_s']:.2f} s; goal < 1 s), IBP "
+        f"{r['ibp_states_per_s']:.0f} states/s",
+        flush=True,
+    )
+
+
+def print_scaling(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Section 3."""
+    print(f"== scaling ({args.env} shapes, random weights, 2 hidden layers, one thread) ==")
+    rows = scaling(args.policy, args.env, args.eps, args.widths, args.scaling_envs)
+    results["scaling"] = rows
+    envs = args.scaling_envs
+    head = "  ".join(f"eval@{n:<3d} MAD@{n:<3d}" for n in envs)
+    print(f"{'hidden':>9s} {'params':>8s}  {head}  CROWN/1k states  distill/step")
+    for r in rows:
+        cells = "  ".join(
+            f"{r[f'eval_s_per_kstep_{n}']:8.3f} {r[f'mad_s_per_kstep_{n}']:7.3f}" for n in envs
+        )
+        print(
+            f"{r['width']:>4d}×{r['width']:<4d} {r['parameters']:>8d}  {cells}  "
+            f"{r['crown_s_per_kstate']:12.3f} s  {r['distill_s_per_step']:10.4f} s"
+        )
+    print("  (evaluation and MAD: s per 1000 env steps at that env count)")
+    for note in growth_notes(rows):
+        print(f"  faster than linear: {note}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default=str(REPO / "profiles" / "hopper.pt"))
@@ -155,8 +422,15 @@ def main() -> None:
     ap.add_argument("--run-source", default="hopper", help="policy or profile for compress run")
     ap.add_argument("--skip-runs", action="store_true", help="skip the compress run jobs")
     ap.add_argument(
-        "--only", choices=["throughput", "executors", "runs"], help="run one section only"
+        "--baseline", metavar="REV", help="also measure throughput on the code of commit REV"
     )
+    ap.add_argument("--repeat", type=int, default=1, help="throughput measurements per env count")
+    ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--scaling-envs", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--bound-states", type=int, default=2000)
+    sections = ["throughput", "rates", "scaling", "executors", "runs"]
+    ap.add_argument("--only", choices=sections, help="run one section only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -166,16 +440,11 @@ def main() -> None:
         return args.only in (None, section)
 
     if wanted("throughput"):
-        print(f"== throughput ({args.env}, {Path(args.policy).name}, ε {args.eps}) ==")
-    for n in args.num_envs if wanted("throughput") else []:
-        t = throughput(args.policy, args.env, args.eps, n, args.episodes)
-        results["throughput"].append(t)
-        print(
-            f"{n:3d} envs: raw {t['raw_steps_per_s']:8.0f}/s  clean {t['clean_steps_per_s']:8.0f}/s"
-            f"  MAD {t['mad_steps_per_s']:8.0f}/s  clean/raw {t['clean_over_raw']:.3f} (≥ 0.7)"
-            f"  MAD/raw {t['mad_over_raw']:.3f} (≥ 0.25)"
-        )
-
+        print_throughput(args, results)
+    if wanted("rates"):
+        print_rates(args, results)
+    if wanted("scaling"):
+        print_scaling(args, results)
     if not wanted("executors"):
         e: dict[str, Any] = {}
     else:

@@ -13,6 +13,7 @@ import torch
 
 from compressor.attacks.base import AttackContext
 from compressor.core.errors import CompressorError
+from compressor.core.objectives import value_objective
 from compressor.core.pgd import pgd
 
 
@@ -37,9 +38,7 @@ class CriticAttack:
     def perturb(self, obs: torch.Tensor) -> torch.Tensor:
         """:param obs: true raw observations (batch, dim)."""
 
-        def objective(x: torch.Tensor) -> torch.Tensor:
-            return -self.critic(self.policy.normalize(x))
-
+        objective = value_objective(self.policy, self.critic, obs)  # -V(normalize(ŝ))
         return pgd(
             objective, obs, self._scale, self.threat.eps, norm=self.threat.norm, steps=self.steps
         )

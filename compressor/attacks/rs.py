@@ -27,6 +27,7 @@ from torch import nn
 from compressor.attacks.base import AttackContext
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
+from compressor.core.objectives import policy_objective
 from compressor.core.pgd import pgd, pgd_in_ball
 from compressor.policy.model import DISCRETE_HEADS, Policy
 from compressor.rl.rollout import rollout
@@ -295,9 +296,10 @@ class RobustSarsaAttack:
         """:param obs: true raw observations (batch, dim)."""
         z = self.policy.normalize(obs).detach()
 
-        def objective(x: torch.Tensor) -> torch.Tensor:
-            return -self.q(z, soft_action(self.policy, self.policy(x)))
+        def head(out: torch.Tensor) -> torch.Tensor:
+            return -self.q(z, soft_action(self.policy, out))
 
+        objective = policy_objective(self.policy, head, obs)
         return pgd(
             objective, obs, self._scale, self.threat.eps, norm=self.threat.norm, steps=self.steps
         )
@@ -324,12 +326,12 @@ class MadRsAttack:
         with torch.no_grad():
             clean = self.policy(obs)
 
-        def objective(x: torch.Tensor) -> torch.Tensor:
-            out = self.policy(x)
+        def head(out: torch.Tensor) -> torch.Tensor:
             q_term = -self.q(z, soft_action(self.policy, out)) / self.q_std
             div = self.policy.divergence(clean, out)
             if self.policy.spec.head != "categorical":
                 div = div.clamp_min(1e-12).sqrt()  # Mahalanobis shift, in std units
             return (1 - self.ratio) * q_term + self.ratio * div
 
+        objective = policy_objective(self.policy, head, obs)
         return pgd_in_ball(objective, obs, self._scale, self.threat, self.steps, self._gen)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from compressor.core.mlp_grad import OutputObjective
+from compressor.core.objectives import divergence_objective, policy_objective
 from compressor.core.threat import ThreatModel, project, sample_ball
 
 if TYPE_CHECKING:
@@ -30,7 +32,9 @@ def pgd(
     ℓ∞ takes sign steps, ℓ2 normalised-gradient steps, each followed by projection. The best
     iterate per row (by objective) is returned, so more steps never give a weaker result.
 
-    :param objective: maps a batch ``x`` (same shape as ``x0``) to one value per row.
+    :param objective: maps a batch ``x`` (same shape as ``x0``) to one value per row. An
+        :class:`~compressor.core.mlp_grad.OutputObjective` (from :func:`policy_objective`)
+        takes its gradient by hand, a plain callable by autograd; the steps are the same.
     :param x0: clean inputs, shape (batch, dim).
     :param scale: per-dimension size of one ε unit (normalisation std or ones).
     :param eps: ball radius in those units.
@@ -47,29 +51,60 @@ def pgd(
         delta = sample_ball(tuple(x0.shape), eps, norm, generator).to(x0.dtype)
     else:
         delta = torch.zeros_like(x0)
+    # with every derivative written out, no tensor here needs autograd's bookkeeping at all
+    analytic = isinstance(objective, OutputObjective) and objective.head_grad is not None
+    quiet = torch.inference_mode if analytic else torch.no_grad
+    if isinstance(objective, OutputObjective):
+        value_and_grad = _by_hand(objective, x0, scale)
+    else:
+        value_and_grad = _by_autograd(objective, x0, scale)
     best = delta.clone()
     best_val = torch.full((x0.shape[0],), -torch.inf, dtype=x0.dtype)
-    for i in range(steps + 1):
-        # one objective evaluation per iterate serves both the best-iterate bookkeeping and
-        # the gradient of the next step (the last iterate needs no gradient)
-        last = i == steps
-        delta.requires_grad_(not last)
-        with torch.set_grad_enabled(not last):
-            val = objective(x0 + delta * scale)
-        with torch.no_grad():
-            better = val.detach() > best_val
-            best = torch.where(better[:, None], delta.detach(), best)
-            best_val = torch.where(better, val.detach(), best_val)
-        if last:
-            break
-        (grad,) = torch.autograd.grad(val.sum(), delta)
-        with torch.no_grad():
-            if norm == "inf":
-                step = grad.sign()
+    with quiet():
+        for i in range(steps + 1):
+            # one objective evaluation per iterate serves both the best-iterate bookkeeping
+            # and the gradient of the next step (the last iterate needs no gradient)
+            val, grad = value_and_grad(delta, i < steps)
+            better = val > best_val
+            best = torch.where(better[:, None], delta, best)
+            best_val = torch.where(better, val, best_val)
+            if grad is None:
+                break
+            if norm == "inf":  # α·sign(g) is exact, so the fused add rounds as δ + α·sign(g)
+                delta = project(torch.add(delta, grad.sign(), alpha=alpha), eps, norm)
             else:
                 step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            delta = project(delta.detach() + alpha * step, eps, norm)
+                delta = project(delta + alpha * step, eps, norm)
     return (x0 + best * scale).detach()
+
+
+#: ``(δ, need_grad) -> (objective at x0 + δ·scale, its gradient with respect to δ or None)``,
+#: called with gradients off (each path turns on what it needs)
+ValueAndGrad = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _by_autograd(
+    objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, scale: torch.Tensor
+) -> ValueAndGrad:
+    def value_and_grad(delta: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Any]:
+        if not need_grad:
+            return objective(x0 + delta * scale).detach(), None
+        d = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            val = objective(x0 + d * scale)
+            (grad,) = torch.autograd.grad(val.sum(), d)
+        return val.detach(), grad
+
+    return value_and_grad
+
+
+def _by_hand(objective: OutputObjective, x0: torch.Tensor, scale: torch.Tensor) -> ValueAndGrad:
+    # the same chain rule as autograd's through ``x0 + δ·scale``: ∂/∂δ = scale · ∂/∂x
+    def value_and_grad(delta: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Any]:
+        val, grad_x = objective.value_and_grad(x0 + delta * scale, need_grad)
+        return val, None if grad_x is None else grad_x * scale
+
+    return value_and_grad
 
 
 def pgd_in_ball(
@@ -108,9 +143,12 @@ def max_divergence_point(
     regulariser's inner max).
 
     :param ref: ``policy(x)`` if the caller already has it (without gradient)."""
-    if ref is None:
-        with torch.no_grad():
-            ref = policy(x)
-    return pgd_in_ball(
-        lambda z: policy.attack_objective(ref, policy(z)), x, scale, threat, steps, generator
-    )
+    if policy.spec.head == "q_greedy":  # MAD's margin, not a divergence (attack_objective)
+        if ref is None:
+            with torch.no_grad():
+                ref = policy(x)
+        clean = ref
+        objective = policy_objective(policy, lambda out: policy.attack_objective(clean, out), x)
+    else:  # attack_objective is the divergence: its gradient by hand where it is recognised
+        objective = divergence_objective(policy, ref, x)
+    return pgd_in_ball(objective, x, scale, threat, steps, generator)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -85,6 +86,41 @@ class RolloutResult:
     wall_s: float
 
 
+class _Slots:
+    """The vector env's sub-envs, stepped one by one: only the slots that run an episode are
+    simulated (the idle ones at the end of an evaluation cost nothing) and no info dicts are
+    merged. Each sub-env sees exactly the calls the vector env would make (its ``step`` with
+    its row of the actions, ``reset(seed=..., options=...)`` as its masked reset passes them).
+
+    :param envs: a synchronous vector env (``make_vector_env``).
+    :param seeds: the reset seed of each slot's first episode.
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, seeds: list[int]) -> None:
+        self.envs: list[gym.Env] = list(getattr(envs, "envs"))  # noqa: B009 (SyncVectorEnv's)
+        space = envs.single_observation_space
+        self.obs = np.zeros((len(self.envs), *space.shape), dtype=space.dtype)  # type: ignore[misc]
+        for slot, seed in enumerate(seeds):
+            self.obs[slot], _ = self.envs[slot].reset(seed=seed, options=None)
+
+    def reset(self, slot: int, seed: int) -> None:
+        """Start a new episode in ``slot`` (its observation replaces the slot's row)."""
+        self.obs[slot], _ = self.envs[slot].reset(seed=seed, options={})
+
+    def step(
+        self, actions: np.ndarray, running: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Step the ``running`` slots; returns (observations, rewards, terminated, truncated)
+        for every slot (idle rows: the last observation, reward 0, not ended)."""
+        n = len(self.envs)
+        rew, term, trunc = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        nxt = self.obs.copy()
+        for i in running:
+            nxt[i], rew[i], term[i], trunc[i], _ = self.envs[i].step(actions[i])
+        self.obs = nxt
+        return nxt, rew, term, trunc
+
+
 def rollout(
     policy: Actor,
     env_id: str,
@@ -138,51 +174,46 @@ def rollout(
     try:
         if callable(freeze):
             read_only.enter_context(freeze())
-        obs, _ = envs.reset(seed=[int(s) for s in seeds[:n]])  # type: ignore[arg-type]
+        slots = _Slots(envs, [int(s) for s in seeds[:n]])
         while done_count < n_eps:
             active = slot_episode >= 0
+            obs = slots.obs
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             if record_states:
                 states.append(obs[active].astype(np.float32))
             # the clean policy sees the env's own dtype: float64 observations are normalised
             # in float64, as SB3 does (Policy.normalize); attacks work on float32 as before
             seen = torch.as_tensor(obs) if obs.dtype == np.float64 else obs_t
-            if perturb is not None:  # only the running episodes' observations are attacked
+            if perturb is not None and bool(active.all()):
+                seen = perturb(obs_t)
+            elif perturb is not None:  # only the running episodes' observations are attacked
                 seen = obs_t.clone()
                 seen[active] = perturb(obs_t[active])
             with torch.no_grad():
                 act = policy.act(seen) if deterministic else policy.sample(seen, generator)
-            prev_obs = obs
-            obs, rew, term, trunc, _ = envs.step(act.numpy())
+            a_np = act.numpy()
+            next_obs, rew, term, trunc = slots.step(a_np, np.flatnonzero(active))
             steps += int(active.sum())
             ep = slot_episode[active]
             returns[ep] += rew[active]
             lengths[ep] += 1
             if max_steps is not None:
                 trunc = trunc | (lengths[np.maximum(slot_episode, 0)] >= max_steps)
-            ended = term | trunc
-            finished = ended & active
+            finished = (term | trunc) & active
             if on_transition is not None:
-                a_np = act.numpy()
                 on_transition(
-                    ep, prev_obs[active], a_np[active], rew[active], obs[active], term[active]
+                    ep, obs[active], a_np[active], rew[active], next_obs[active], term[active]
                 )
-            if not ended.any():
-                continue
-            reset_seeds: list[int | None] = [None] * n
             for slot in np.flatnonzero(finished):
                 done_count += 1
                 if progress is not None:
                     progress(done_count, n_eps)
                 if next_episode < n_eps:
                     slot_episode[slot] = next_episode
-                    reset_seeds[slot] = int(seeds[next_episode])
+                    slots.reset(int(slot), int(seeds[next_episode]))
                     next_episode += 1
                 else:
-                    slot_episode[slot] = -1
-            # idle slots are reset too (unseeded) so the vector env stays valid; their
-            # episodes are ignored
-            obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": ended})  # type: ignore[arg-type]
+                    slot_episode[slot] = -1  # idle: never stepped again
     finally:
         read_only.close()
         envs.close()
