@@ -53,6 +53,14 @@ def run(
             help="magnitude, micro, structured or random (default: the profile's prune.method).",
         ),
     ] = None,
+    choose: Annotated[
+        str | None,
+        typer.Option(
+            "--choose",
+            help="Which passing level to deploy: max-sparsity (the sparsest) or sweet-spot "
+            "(the best mean of clean and robust score); default: the profile's search.choose.",
+        ),
+    ] = None,
     executor: ExecutorOpt = "local",
     workers: WorkersOpt = None,
     address: AddressOpt = "local",
@@ -81,6 +89,7 @@ def run(
         command=command_line(),
         prune_method=prune_method,
         executor=ex,
+        choose=choose,
     )
     try:
         if single:
