@@ -177,6 +177,12 @@ def _falls_panel(ax: Any, r: dict[str, Any], pts: list[dict[str, Any]]) -> bool:
 def frontier(r: dict[str, Any]) -> bytes | None:
     """Clean and robust return vs sparsity (95% CIs, worst-decile means, floors, deployed level,
     sweet spot) above the share of episodes that fell."""
+    fig = frontier_figure(r)
+    return None if fig is None else _png(fig)
+
+
+def frontier_figure(r: dict[str, Any]) -> Figure | None:
+    """The figure of :func:`frontier` (None: nothing to draw)."""
     pts = sorted(r["frontier"], key=lambda f: f["sparsity"])
     if not pts:
         return None
@@ -197,7 +203,7 @@ def frontier(r: dict[str, Any]) -> bytes | None:
     x = [0.0, *_pct(pts)]
     ax.set_xlim(-3, max(x) + 5)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def _sparsity_tick(v: float, _: Any = None) -> str:
@@ -340,6 +346,12 @@ def regret(r: dict[str, Any]) -> bytes | None:
     """Total regret per level as a waterfall of clean regret, pruning loss and attack gap: each
     term starts where the previous one ends (a negative one goes down), so the last ends at the
     total, marked."""
+    fig = regret_figure(r)
+    return None if fig is None else _png(fig)
+
+
+def regret_figure(r: dict[str, Any]) -> Figure | None:
+    """The figure of :func:`regret` (None: nothing to draw)."""
     rg = (r.get("derived") or {}).get("regret")
     if not rg or not rg.get("rows"):
         return None
@@ -366,7 +378,7 @@ def regret(r: dict[str, Any]) -> bytes | None:
     ax.set_ylabel("return lost")
     ax.set_title("Regret decomposition (bars sum to the total)")
     ax.legend(frameon=False, fontsize=9.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
-    return _png(fig)
+    return fig
 
 
 def layers(r: dict[str, Any]) -> bytes | None:

@@ -346,11 +346,15 @@ def view(r: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
         "frontier_note": " ".join(
             x
             for x in (
+                "CVaR 10%: the mean return of the worst 10% of the episodes (at least one)."
+                if r.get("evaluation_method")
+                else "",
                 f"Score: {fa['score_definition']}." if fa.get("score_definition") else "",
                 _regret_note(r),
             )
             if x
         ),
+        "frontier_reasons": tables.frontier_reasons(r),
         "final_check": tables.final_check(r),
         "attack_runs": tables.attack_runs(r),
         "method": _method(r),

@@ -12,7 +12,8 @@ from compressor.report.fmt import falls_text, norm_name, num, pct, sci, signed, 
 
 
 def _ci(v: list[float] | None) -> str:
-    return f" ({num(v[0])} to {num(v[1])})" if v else ""
+    # a line break (HTML shows it in wide tables; Markdown cells turn it into a space)
+    return f"\n({num(v[0])} to {num(v[1])})" if v else ""
 
 
 def _pair(t: dict[str, Any] | None, worst: str | None, key: str) -> str:
@@ -27,7 +28,7 @@ def _pair(t: dict[str, Any] | None, worst: str | None, key: str) -> str:
             return "n/a"
         return falls_text(x) if key == "falls" else num(x["cvar10"])
 
-    return f"{one(a)}; {one(b)}"
+    return f"{one(a)};\n{one(b)}"
 
 
 def frontier(r: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +64,7 @@ def frontier(r: dict[str, Any]) -> dict[str, Any]:
             num(d["clean_return"]) + _ci([dce["ci_low"], dce["ci_high"]]),
             num(d["robust_return"])
             + (_ci([dro["ci_low"], dro["ci_high"]]) if dro else "")
-            + (f", {worst}" if worst else ""),
+            + (f"\n{worst}" if worst else ""),
             _pair(d.get("tail"), worst, "falls"),
             _pair(d.get("tail"), worst, "cvar"),
             sci(r["budget"]["dense_lipschitz"]),
@@ -76,14 +77,14 @@ def frontier(r: dict[str, Any]) -> dict[str, Any]:
     ]
     for f, s, g in zip(front, scores, cand_regret):
         status = f.get("status") or ("pass" if f["passed"] else "fail")
-        verdict = status if not f["reasons"] else f"{status}: " + "; ".join(f["reasons"])
+        verdict = status + (" (see below)" if f["reasons"] else "")
         rows.append(
             [
                 pct(f["sparsity"]) + marks(f["sparsity"], False),
                 num(f["clean_return"]) + _ci(f.get("clean_ci")),
                 num(f["robust_return"])
                 + _ci(f.get("robust_ci"))
-                + (f", {f['strongest_attack']}" if f["strongest_attack"] else ""),
+                + (f"\n{f['strongest_attack']}" if f["strongest_attack"] else ""),
                 _pair(f.get("tail"), f["strongest_attack"], "falls"),
                 _pair(f.get("tail"), f["strongest_attack"], "cvar"),
                 sci(f["lipschitz"]),
@@ -99,7 +100,7 @@ def frontier(r: dict[str, Any]) -> dict[str, Any]:
         "clean return (95% CI)",
         "robust return (95% CI), worst attack",
         "falls: clean; worst attack",
-        "worst-decile mean (CVaR 10%): clean; worst attack",
+        "CVaR 10%: clean; worst attack",
         f"{CERT_NAME} ({unit})",
         "non-zero params",
         "score",
@@ -110,6 +111,16 @@ def frontier(r: dict[str, Any]) -> dict[str, Any]:
         "decision",
     ]
     return table(head, rows, "lrrrrrrrrrrrl")
+
+
+def frontier_reasons(r: dict[str, Any]) -> list[str]:
+    """Why each level of the frontier table did not pass, one line per level."""
+    front = sorted(r["frontier"], key=lambda f: f["sparsity"])
+    return [
+        f"{pct(f['sparsity'])} {f.get('status') or 'fail'}: " + "; ".join(f["reasons"])
+        for f in front
+        if f["reasons"]
+    ]
 
 
 def final_check(r: dict[str, Any]) -> dict[str, Any] | None:

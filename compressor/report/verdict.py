@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from compressor.core.naming import CERT_NAME, cert_unit, pruning_description, sparsity_text
+from compressor.core.stats import CVAR_SHARE
 
 if TYPE_CHECKING:
     from compressor.evaluate import EvalResult, SuiteResult
@@ -74,6 +75,7 @@ def evaluation_method(setup: RunSetup, rule: Budget) -> dict[str, Any]:
             "test": PAIRED_TEST,
             "error_rate": ERROR_RATE,
         },
+        "cvar_share": CVAR_SHARE,
         "falls": {
             "rule": FALLS_TEST,
             "fall_fraction": ev.fall_fraction,
