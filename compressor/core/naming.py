@@ -37,6 +37,14 @@ def pruning_kind(method: str) -> str:
     return _PRUNING.get(method, ("unstructured", ""))[0]
 
 
+def pruning_short(method: str) -> str:
+    """A few words for headlines and tiles: ``structured (whole neurons)`` or
+    ``unstructured (magnitude)``."""
+    if method == "structured":
+        return "structured (whole neurons)"
+    return f"{pruning_kind(method)} ({method})"
+
+
 def pruning_description(method: str) -> str:
     """One phrase saying what a pruning method removes, e.g. ``structured (whole neurons
     removed)``."""

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from compressor.core.naming import CERT_NAME, cert_label, cert_unit, pruning_description
+from compressor.core.naming import (
+    CERT_NAME,
+    cert_label,
+    cert_unit,
+    pruning_description,
+    pruning_short,
+)
 from compressor.report.fmt import falls_text, norm_name, num, pct, sci, signed
 
 STATUS_WORD = {"pass": "PASS", "fail": "FAIL", "undecided": "UNDECIDED"}
@@ -101,7 +107,7 @@ def banner(r: dict[str, Any]) -> dict[str, Any]:
     if c is not None:
         out["headline"] = (
             f"{STATUS_WORD[st]}: deploy policy.onnx, sparsity {pct(c['sparsity'])} "
-            f"({pruning.split(':')[0]}), within budget {b['budget']}"
+            f"{pruning_short(r['profile']['prune']['method'])}, within budget {b['budget']}"
         )
         tests = (c.get("decision") or {}).get("tests")
         out["checks"] = [_test_check(t) for t in tests] if tests else _old_checks(r)
@@ -143,6 +149,14 @@ def _limit(r: dict[str, Any]) -> str:
     c, lim = r.get("chosen"), (r.get("derived") or {}).get("limit")
     if c is None:
         return "Per sparsity, the checks that failed or stayed open are listed above."
+    tried = [
+        a
+        for a in (r.get("final_check") or {}).get("attempts", [])
+        if a["sparsity"] > c["sparsity"] and a["status"] != "pass"
+    ]
+    if tried:
+        levels = ", ".join(f"{pct(a['sparsity'])} ({a['status']})" for a in tried)
+        return f"Why not sparser: {levels} passed the search but not the final check."
     if lim:
         return f"Why not sparser: {pct(lim['sparsity'])} was tried and did not pass: " + "; ".join(
             lim["reasons"]
@@ -180,8 +194,7 @@ def cards(r: dict[str, Any]) -> list[list[str]]:
     fc = r.get("final_check") or {}
     dense_final = (fc.get("dense") or {}).get("evaluation") or d["evaluation"]
     dense_tail = (fc.get("dense") or {}).get("tail") or d.get("tail") or {}
-    method = r["profile"]["prune"]["method"]
-    kind = pruning_description(method).split(",")[0]
+    kind = pruning_short(r["profile"]["prune"]["method"])
     attack = c["strongest_attack"] if c else None
 
     def mean(ev: dict[str, Any], name: str | None) -> Any:

@@ -212,7 +212,7 @@ def _sparsity_tick(v: float, _: Any = None) -> str:
 
 
 def certificate(r: dict[str, Any]) -> bytes | None:
-    """Global certified Lipschitz bound and local certified vs empirical TV, vs sparsity."""
+    """The certified bound (global) and local certified vs empirical TV, vs sparsity."""
     pts = sorted(r["frontier"], key=lambda f: f["sparsity"])
     if not pts:
         return None

@@ -195,15 +195,16 @@ def verdict(
             "why": _why(final.choose),
         }
     else:
-        undecided = any(a.decision.status == "undecided" for a in final.attempts) or any(
-            x.status == "undecided" for x in search
-        )
-        status = "undecided" if undecided else "fail"
+        open_ = [x for x in search if x.status == "undecided"]
+        open_ += [a.candidate for a in final.attempts if a.decision.status == "undecided"]
+        status = "undecided" if open_ else "fail"
         deploy = None
+        levels = ", ".join(sparsity_text(x.sparsity) for x in open_)
         summary = (
-            f"undecided: no sparsity could be shown to meet budget {rule.budget} within "
-            f"{prof.evaluation.cap} episodes per condition; nothing was exported"
-            if undecided
+            f"no sparsity was shown to meet budget {rule.budget}: {levels} stayed undecided "
+            f"after {prof.evaluation.cap} episodes per condition (too noisy to tell), the "
+            "others failed; nothing was exported"
+            if open_
             else f"no evaluated sparsity met budget {rule.budget}; nothing was exported"
         )
     return {
