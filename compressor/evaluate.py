@@ -11,6 +11,11 @@ ONNX model, the torch policy with the file's own weights). With a surrogate the 
 attack returns. A white-box attack on the actor could do better, so the attacked return is an
 upper bound on the worst case, like every empirical attack. ``mean_tv`` is measured on the
 actor's own action distribution, so it is None for an actor that is not a torch policy.
+
+Every evaluation keeps its episodes (seed, length, whether it terminated before its time limit,
+from the rollout's transition reports), so decisions can pair episodes across policies and
+count falls; with ``noise`` (:mod:`compressor.rl.noise`) each episode sees its own seeded
+observation noise.
 """
 
 from __future__ import annotations

@@ -147,7 +147,8 @@ def measure_dense(setup: RunSetup, ex: Executor, rep: Reporter) -> DenseMeasurem
     )
     # the dense episodes every candidate is paired with, extended when a decision needs more
     more = suite_evaluator(dense, prof, setup.threat, dctx, noise=setup.noise, executor=ex)
-    reference = ReferenceSeries(more, {"clean": screen.clean, **screen.attacks})
+    looks = Plan.from_section(ev).looks
+    reference = ReferenceSeries(more, {"clean": screen.clean, **screen.attacks}, looks)
     return DenseMeasurement(
         suite, rand, states, state_steps, states[pick], certs, local, rule, ctx, reference
     )
@@ -241,7 +242,7 @@ def finish_chosen(
         dense_export = _export(setup, setup.dense, setup.run_dir / "final" / "dense.onnx", None)
         ctx = dataclasses.replace(dense.attack_ctx, save_dir=_adversaries(setup, "dense"))
         more = _onnx_evaluator(setup, dense_export.path, setup.dense, ctx, ex)
-        reference = ReferenceSeries(more)
+        reference = ReferenceSeries(more, looks=Plan.from_section(prof.evaluation).looks)
         first = reference.get(names, setup.seeds)
         progress(len(names), len(names))
     strongest = SuiteResult(first["clean"], {k: v for k, v in first.items() if k != "clean"})

@@ -296,23 +296,31 @@ class ReferenceSeries:
     """The dense policy's evaluations on the decision seeds, extended on demand and shared by
     every candidate (each extension runs once).
 
+    Extensions run in the chunks the planned looks make (seeds ``looks[i-1] .. looks[i]``), so
+    every dense episode comes from the same rollout whatever order the candidates ask in (a
+    resumed run gets the same numbers).
+
     :param evaluate: runs the dense policy under conditions on seeds.
     :param results: what is known so far, per condition (a prefix of the decision seeds).
+    :param looks: cumulative episode counts of the planned looks (None: one chunk).
     """
 
     evaluate: Evaluator
     results: dict[str, EvalResult] = field(default_factory=dict)
+    looks: list[int] | None = None
 
     def get(self, names: list[str], seeds: list[int]) -> dict[str, EvalResult]:
-        """The dense results of ``names`` covering ``seeds`` (evaluating what is missing)."""
-        todo: dict[tuple[int, ...], list[str]] = {}
+        """The dense results of ``names`` covering ``seeds``, a prefix of the decision seeds
+        (evaluating what is missing)."""
+        cuts = sorted({0, *(self.looks or []), len(seeds)})
+        todo: dict[tuple[int, int], list[str]] = {}
         for n in names:
-            have = set(self.results[n].seeds or []) if n in self.results else set()
-            missing = tuple(s for s in seeds if s not in have)
-            if missing:
-                todo.setdefault(missing, []).append(n)
-        for missing, group in todo.items():
-            for n, e in self.evaluate(group, list(missing)).items():
+            have = len(self.results[n].seeds or []) if n in self.results else 0
+            for a, b in zip(cuts, cuts[1:]):
+                if b > have and b <= len(seeds):
+                    todo.setdefault((max(a, have), b), []).append(n)
+        for (a, b), group in sorted(todo.items()):
+            for n, e in self.evaluate(group, seeds[a:b]).items():
                 self.results[n] = self.results[n].merged(e) if n in self.results else e
         return {n: self.results[n] for n in names}
 
@@ -343,9 +351,14 @@ def decide(
     names = list(results)
     looks = plan.looks
     while True:
-        n_max = max(len(results[n].stats.returns) for n in names)
-        floors = {rule.reference_of(n) for n in names}
-        ref = reference.get(sorted(set(names) | floors), decision_seeds[:n_max])
+        # the dense episodes each condition needs: its own (falls) and its floor's (returns)
+        need: dict[str, int] = {}
+        for n in names:
+            for d in (n, rule.reference_of(n)):
+                need[d] = max(need.get(d, 0), len(results[n].stats.returns))
+        ref: dict[str, EvalResult] = {}
+        for k in sorted(set(need.values())):
+            ref |= reference.get([d for d, m in need.items() if m == k], decision_seeds[:k])
         tests = {
             n: paired_test(results[n], ref[n], ref[rule.reference_of(n)], rule, plan, n)
             for n in names
