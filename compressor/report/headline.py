@@ -75,7 +75,11 @@ def _old_checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     b, c = r["budget"], r.get("chosen")
     if c is None:
         return [
-            {"ok": False, "text": f"{pct(f['sparsity'])}: " + "; ".join(f["reasons"])}
+            {
+                "ok": False,
+                "text": f"{pct(f['sparsity'])} {f.get('status') or 'fail'}: "
+                + "; ".join(f["reasons"]),
+            }
             for f in sorted(r["frontier"], key=lambda f: f["sparsity"])
         ]
     lip = c["certificates"][r["threat"]["norm"]]["lipschitz"]

@@ -251,6 +251,10 @@ def paired_test(
     more, fewer = int((cf & ~df).sum()), int((~cf & df).sum())
     p = sign_test_greater(more, fewer)
     m = rule.margin
+
+    def v(x: float) -> str:
+        return f"{x:.1f}".replace("-", "−")
+
     where = f"{condition} vs dense {floor.attack}"
     if p < alpha:
         status = FAIL
@@ -260,14 +264,14 @@ def paired_test(
         )
     elif b.upper < -m:
         status = FAIL
-        reason = f"{where}: loss {-b.mean:.1f}, at least {-b.upper:.1f} > {m:.1f} allowed"
+        reason = f"{where}: loss {v(-b.mean)}, at least {v(-b.upper)} > {v(m)} allowed"
     elif b.lower >= -m:
         status, reason = PASS, ""
     else:
         status = UNDECIDED
         reason = (
-            f"{where}: difference {b.mean:.1f}, one-sided {1 - alpha:.4g} bounds "
-            f"{b.lower:.1f} to {b.upper:.1f} straddle −{m:.1f} after {len(c)} episodes"
+            f"{where}: difference {v(b.mean)}, one-sided {1 - alpha:.4g} bounds "
+            f"{v(b.lower)} to {v(b.upper)} straddle −{v(m)} after {len(c)} episodes"
         )
     return ConditionTest(
         condition,
@@ -374,7 +378,7 @@ def decide(
         open_ = [n for n, t in tests.items() if t.status == UNDECIDED]
         grow = [n for n in open_ if len(results[n].stats.returns) < looks[-1]]
         if not grow:
-            reasons = tuple(f"undecided: {tests[n].reason}" for n in open_)
+            reasons = tuple(tests[n].reason for n in open_)
             return Decision(UNDECIDED, tuple(tests.values()), reasons, spent), results
         n_now = len(results[grow[0]].stats.returns)
         n_next = looks[min(plan.look_of(n_now) + 1, len(looks) - 1)]
