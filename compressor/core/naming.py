@@ -49,7 +49,7 @@ def pruning_description(method: str) -> str:
     """One phrase saying what a pruning method removes, e.g. ``structured (whole neurons
     removed)``."""
     kind, what = _PRUNING.get(method, ("unstructured", method))
-    return f"{method}: {kind}, {what}"
+    return f"{method}: {what}" if kind == method else f"{method}: {kind}, {what}"
 
 
 def sparsity_text(fraction: float | None) -> str:

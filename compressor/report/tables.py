@@ -189,11 +189,17 @@ def _returns(r: dict[str, Any]) -> tuple[list[list[str]], str]:
     rows = [["clean return (95% CI)", _ret(dense_ev["clean"]), _ret(cev["clean"]) if cev else "—"]]
     for name, a in dense_ev["attacks"].items():
         ca = cev["attacks"].get(name) if cev else None
+        # an ONNX model has no action distribution: no TV to show then
+        tv = a["mean_tv"] is not None or (ca is not None and ca["mean_tv"] is not None)
+
+        def cell(e: dict[str, Any], tv: bool = tv) -> str:
+            return f"{_ret(e)}; {num(e['mean_tv'], 3)}" if tv else _ret(e)
+
         rows.append(
             [
-                f"return under {name} (95% CI); mean TV reached",
-                f"{_ret(a)}; {num(a['mean_tv'], 3)}",
-                f"{_ret(ca)}; {num(ca['mean_tv'], 3)}" if ca else "—",
+                f"return under {name} (95% CI)" + ("; mean TV reached" if tv else ""),
+                cell(a),
+                cell(ca) if ca else "—",
             ]
         )
     robust = min((a["return"]["mean"] for a in dense_ev["attacks"].values()), default=None)

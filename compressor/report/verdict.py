@@ -229,7 +229,7 @@ def _why(choose: str) -> str:
 
 
 def _test_text(t: Any) -> str:
-    lower = "−∞" if t.lower == -float("inf") else f"{t.lower:+.1f}"
+    lower = "−∞" if t.lower == -float("inf") else f"{t.lower:+.1f}".replace("-", "−")
     return (
         f"{t.condition} {t.candidate_mean:.1f} vs dense {t.reference} {t.reference_mean:.1f} "
         f"(lower bound {lower} ≥ −{t.margin:.1f}, {t.n} episodes, falls {t.falls} vs "
