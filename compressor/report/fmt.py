@@ -58,7 +58,7 @@ def table(head: list[str], rows: list[list[str]], align: str | None = None) -> d
 
 def falls_text(t: dict[str, Any] | None) -> str:
     """``2 of 16`` from a ``tail`` record; ``n/a`` when the report has none."""
-    return "n/a" if not t else f"{t['falls']} of {t['n']}"
+    return "n/a" if not t else f"{t['falls']}\u00a0of\u00a0{t['n']}"
 
 
 def flatten(d: Any, prefix: str = "") -> list[list[str]]:

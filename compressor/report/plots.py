@@ -159,16 +159,15 @@ def _falls_panel(ax: Any, r: dict[str, Any], pts: list[dict[str, Any]]) -> bool:
     fr = [100 * t["falls"] / max(t["n"], 1) for t in robust]  # type: ignore[index]
     ax.bar([v - w / 2 for v in x], fc, w, color=CLEAN, label="clean")
     ax.bar([v + w / 2 for v in x], fr, w, color=ROBUST, label="worst attack")
+    last = None
     for v, a, b_, tc, tr in zip(x, fc, fr, clean, robust):
-        ax.text(
-            v,
-            max(a, b_) + 3,
-            f"{tc['falls']}/{tc['n']}; {tr['falls']}/{tr['n']}",  # type: ignore[index]
-            ha="center",
-            va="bottom",
-            fontsize=8.5,
-        )
-    ax.set_ylim(0, 118)
+        if last is not None and v - last < 0.03 * (max(x) - min(x) + 1):
+            continue  # too close to the previous label to read: the table has the counts
+        last = v
+        label = f"{tc['falls']}/{tc['n']}; {tr['falls']}/{tr['n']}"  # type: ignore[index]
+        ax.text(v, max(a, b_) + 4, label, ha="center", va="bottom", fontsize=8, rotation=90)
+    ax.set_ylim(0, 175)
+    ax.set_yticks([0, 50, 100])
     ax.set_ylabel("falls (% of episodes)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return True
@@ -407,7 +406,8 @@ def layers(r: dict[str, Any]) -> bytes | None:
         )
     ax.set_yticks(y, labels)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("weights pruned (%)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
+    ax.set_xlabel("weights pruned")
     ax.set_title("Per-layer sparsity (deployed)")
     ax.grid(False)
     return _png(fig)

@@ -183,9 +183,12 @@ def _deployment(r: dict[str, Any]) -> dict[str, Any]:
         o = c["onnx"]
         red = (r.get("derived") or {}).get("reduction") or {}
         rows += [
-            ["policy.pt (chosen)", f"{c['file_bytes']:,} bytes" if c.get("file_bytes") else "n/a"],
             [
-                "policy.onnx (chosen)",
+                "policy.pt (deployed)",
+                f"{c['file_bytes']:,} bytes" if c.get("file_bytes") else "n/a",
+            ],
+            [
+                "policy.onnx (deployed)",
                 f"{o['file_bytes']:,} bytes "
                 f"({pct(red.get('onnx_vs_source_bytes'))} of the source file)",
             ],

@@ -13,7 +13,7 @@ from compressor.report.fmt import falls_text, norm_name, num, pct, sci, signed, 
 
 def _ci(v: list[float] | None) -> str:
     # a line break (HTML shows it in wide tables; Markdown cells turn it into a space)
-    return f"\n({num(v[0])} to {num(v[1])})" if v else ""
+    return f"\n({num(v[0])}\u00a0to\u00a0{num(v[1])})" if v else ""
 
 
 def _pair(t: dict[str, Any] | None, worst: str | None, key: str) -> str:

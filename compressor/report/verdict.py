@@ -25,9 +25,9 @@ PAIRED_TEST = (
     "paired on common seeds and noise: per episode, candidate − dense (clean vs clean; each "
     "attack vs the dense policy's strongest attack); a condition passes when the one-sided "
     "Student-t lower bound on the mean difference at the look's level is ≥ −(b·scale), fails "
-    "when the upper bound is below it, else gets `batch` more episodes (candidate and dense) "
-    "up to `max_episodes`, and is undecided there; a policy passes only when every condition "
-    "passes"
+    "when the upper bound is below it, else gets [evaluation] batch more episodes "
+    "(candidate and dense) up to max_episodes, and is undecided there; a policy passes only "
+    "when every condition passes"
 )
 FALLS_TEST = (
     "an episode is a fall when it terminates before the time limit or ends below the fall "
