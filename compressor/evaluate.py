@@ -11,6 +11,11 @@ ONNX model, the torch policy with the file's own weights). With a surrogate the 
 attack returns. A white-box attack on the actor could do better, so the attacked return is an
 upper bound on the worst case, like every empirical attack. ``mean_tv`` is measured on the
 actor's own action distribution, so it is None for an actor that is not a torch policy.
+
+Every evaluation keeps its episodes (seed, length, whether it terminated before its time limit,
+from the rollout's transition reports), so decisions can pair episodes across policies and
+count falls; with ``noise`` (:mod:`compressor.rl.noise`) each episode sees its own seeded
+observation noise.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from compressor.attacks import AttackContext, make_attack
 from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress
-from compressor.core.stats import ReturnStats, summarize_returns
+from compressor.core.stats import ReturnStats, cvar, summarize_returns
 from compressor.core.threat import ThreatModel
 from compressor.policy.model import Policy
-from compressor.rl.rollout import Actor, RolloutResult, rollout
+from compressor.rl.noise import EpisodeNoise, ObservationNoise, episode_limit
+from compressor.rl.rollout import Actor, ObsTransform, RolloutResult, rollout
 
 
 @dataclass
@@ -44,6 +50,9 @@ class EvalResult:
     :param steps: env steps. :param wall_s: seconds.
     :param training: what building the attack cost (learned attacks: training steps, seconds,
         choices made), or None.
+    :param seeds: each episode's reset seed (None: not recorded, an older result).
+    :param lengths: each episode's steps. :param terminated: whether each episode ended by the
+        environment's termination (a fall, for a walker) rather than its time limit.
     """
 
     attack: str
@@ -52,10 +61,55 @@ class EvalResult:
     steps: int
     wall_s: float
     training: dict[str, Any] | None = None
+    seeds: list[int] | None = None
+    lengths: list[int] | None = None
+    terminated: list[bool] | None = None
+
+    @property
+    def cvar10(self) -> float:
+        """Mean return of the worst 10% of the episodes (at least one)."""
+        return cvar(self.stats.returns)
+
+    def falls(self, below: float | None, on_termination: bool = True) -> list[bool]:
+        """Per episode: whether it is a fall, i.e. it terminated before its time limit (when
+        ``on_termination``) or its return is below ``below``.
+
+        :param below: the return under which an episode counts as a fall (None: no such rule).
+        :param on_termination: whether the environment's termination is a fall (for a walker;
+            not for a task whose termination is success).
+        """
+        term = self.terminated or [False] * self.stats.n
+        return [
+            bool((on_termination and t) or (below is not None and r < below))
+            for t, r in zip(term, self.stats.returns)
+        ]
+
+    def merged(self, more: EvalResult) -> EvalResult:
+        """This evaluation followed by ``more`` (other seeds, same condition), as one."""
+        steps = self.steps + more.steps
+        tv = None
+        if self.mean_tv is not None and more.mean_tv is not None:
+            tv = (self.mean_tv * self.steps + more.mean_tv * more.steps) / max(steps, 1)
+
+        def cat(a: list[Any] | None, b: list[Any] | None) -> list[Any] | None:
+            return None if a is None or b is None else [*a, *b]
+
+        return EvalResult(
+            self.attack,
+            summarize_returns(np.array([*self.stats.returns, *more.stats.returns])),
+            tv,
+            steps,
+            self.wall_s + more.wall_s,
+            self.training,
+            cat(self.seeds, more.seeds),
+            cat(self.lengths, more.lengths),
+            cat(self.terminated, more.terminated),
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
         """Inverse of :meth:`to_dict` (JSON floats round-trip exactly)."""
+        ep = d.get("episodes") or {}
         return cls(
             d["attack"],
             ReturnStats(**d["return"]),
@@ -63,6 +117,9 @@ class EvalResult:
             d["steps"],
             d["wall_s"],
             d.get("training"),
+            ep.get("seeds"),
+            ep.get("lengths"),
+            ep.get("terminated"),
         )
 
     def training_summary(self) -> str:
@@ -82,13 +139,20 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = {
+        out: dict[str, Any] = {
             "attack": self.attack,
             "return": self.stats.to_dict(),
             "mean_tv": self.mean_tv,
             "steps": self.steps,
             "wall_s": round(self.wall_s, 3),
+            "cvar10": self.cvar10,
         }
+        if self.seeds is not None:
+            out["episodes"] = {
+                "seeds": self.seeds,
+                "lengths": self.lengths,
+                "terminated": self.terminated,
+            }
         if self.training:
             out["training"] = self.training
         return out
@@ -153,6 +217,65 @@ class _TVMeter:
         return adv
 
 
+class _Episodes:
+    """The rollout's transition hook for one evaluation: which episodes terminated (before
+    their time limit), and the observation noise's episode tracking when there is noise."""
+
+    def __init__(
+        self,
+        seeds: list[int],
+        num_envs: int,
+        noise: ObservationNoise | None,
+        env_id: str,
+        env_kwargs: dict,
+        max_steps: int | None,
+    ) -> None:
+        self.terminated = np.zeros(len(seeds), dtype=bool)
+        self.noise: EpisodeNoise | None = None
+        if noise is not None and noise.fraction > 0:
+            limit = episode_limit(env_id, env_kwargs, max_steps)
+            self.noise = noise.session(seeds, num_envs, limit)
+
+    def perturb(self, attack: ObsTransform | None) -> ObsTransform | None:
+        """What the policy sees: the noisy observation, attacked when there is an attack."""
+        if self.noise is None:
+            return attack
+        return self.noise.perturb if attack is None else self.noise.around(attack)
+
+    def __call__(
+        self,
+        ep: np.ndarray,
+        obs: np.ndarray,
+        act: np.ndarray,
+        rew: np.ndarray,
+        next_obs: np.ndarray,
+        term: np.ndarray,
+    ) -> None:
+        self.terminated[ep[np.asarray(term, dtype=bool)]] = True
+        if self.noise is not None:
+            self.noise.on_transition(ep, obs, act, rew, next_obs, term)
+
+    def result(
+        self,
+        name: str,
+        res: RolloutResult,
+        mean_tv: float | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> EvalResult:
+        """The evaluation of one condition, per-episode records included."""
+        return EvalResult(
+            name,
+            summarize_returns(res.returns),
+            mean_tv,
+            res.steps,
+            res.wall_s,
+            training,
+            [int(x) for x in res.seeds],
+            [int(x) for x in res.lengths],
+            [bool(x) for x in self.terminated],
+        )
+
+
 def evaluate(
     policy: Actor,
     env_id: str,
@@ -163,6 +286,7 @@ def evaluate(
     record_states: bool = False,
     progress: Progress | None = None,
     max_steps: int | None = None,
+    noise: ObservationNoise | None = None,
 ) -> tuple[EvalResult, RolloutResult]:
     """Clean evaluation with deterministic actions.
 
@@ -170,22 +294,26 @@ def evaluate(
     :param env_id: gymnasium id. :param env_kwargs: kwargs for ``gymnasium.make``.
     :param seeds: one reset seed per episode.
     :param num_envs: parallel sub-envs.
-    :param record_states: also return the visited states.
+    :param record_states: also return the visited (true) states.
     :param progress: told the finished episode count.
     :param max_steps: truncate episodes after this many steps (None: the env's own limit).
+    :param noise: tiny seeded observation noise per episode (:mod:`compressor.rl.noise`), or
+        None for the bare numerical path.
     """
+    hook = _Episodes(seeds, num_envs, noise, env_id, env_kwargs, max_steps)
     res = rollout(
         policy,
         env_id,
         env_kwargs,
         seeds,
         num_envs=num_envs,
+        perturb=hook.perturb(None),
         record_states=record_states,
         max_steps=max_steps,
         progress=progress,
+        on_transition=hook,
     )
-    stats = summarize_returns(res.returns)
-    return EvalResult("clean", stats, None, res.steps, res.wall_s), res
+    return hook.result("clean", res), res
 
 
 def _victim(policy: Actor, surrogate: Policy | None) -> Policy:
@@ -214,6 +342,7 @@ def evaluate_attack(
     context: AttackContext | None = None,
     surrogate: Policy | None = None,
     max_steps: int | None = None,
+    noise: ObservationNoise | None = None,
 ) -> EvalResult:
     """Evaluation under one attack (deterministic actions, true dynamics and rewards).
 
@@ -227,29 +356,33 @@ def evaluate_attack(
     :param surrogate: torch policy the attack differentiates instead of ``policy`` (a transfer
         attack; see the module docstring).
     :param max_steps: truncate episodes after this many steps (None: the env's own limit).
+    :param noise: tiny seeded observation noise per episode, applied before the attack (the
+        attacked observation stays in the ε-ball around the true one).
     :raises CompressorError: ``policy`` is not a torch policy and no surrogate is given.
     """
     ctx = context or AttackContext(_victim(policy, surrogate), threat, attack_seed)
     if not ctx.env_id:
         ctx = dataclasses.replace(ctx, env_id=env_id, env_kwargs=dict(env_kwargs))
     attack = make_attack(attack_name, ctx)
+    hook = _Episodes(seeds, num_envs, noise, env_id, env_kwargs, max_steps)
+    seen = hook.perturb(attack.perturb)
+    assert seen is not None
     # TV is a property of the actor's own action distribution: none without one
-    meter = _TVMeter(policy, attack.perturb) if isinstance(policy, Policy) else None
+    meter = _TVMeter(policy, seen) if isinstance(policy, Policy) else None
     res = rollout(
         policy,
         env_id,
         env_kwargs,
         seeds,
         num_envs=num_envs,
-        perturb=attack.perturb if meter is None else meter,
+        perturb=seen if meter is None else meter,
         max_steps=max_steps,
         progress=progress,
+        on_transition=hook,
     )
     tv = None if meter is None else meter.tv_sum / max(meter.count, 1)
     info = dict(getattr(attack, "info", {}) or {})
-    return EvalResult(
-        attack_name, summarize_returns(res.returns), tv, res.steps, res.wall_s, info or None
-    )
+    return hook.result(attack_name, res, tv, info or None)
 
 
 def evaluate_suite(
@@ -268,6 +401,7 @@ def evaluate_suite(
     context: AttackContext | None = None,
     surrogate: Policy | None = None,
     max_steps: int | None = None,
+    noise: ObservationNoise | None = None,
 ) -> SuiteResult:
     """Clean evaluation plus every attack of the suite, all on the same seeds.
 
@@ -283,6 +417,7 @@ def evaluate_suite(
     :param surrogate: torch policy the attacks differentiate instead of ``policy`` (transfer
         attacks; see the module docstring).
     :param max_steps: truncate episodes after this many steps (None: the env's own limit).
+    :param noise: tiny seeded observation noise per episode, the same for every condition.
     :raises CompressorError: attacks on an actor that is not a torch policy, without surrogate.
     """
     base = context
@@ -293,7 +428,7 @@ def evaluate_suite(
     done: dict[str, EvalResult] = {}
     if executor is not None and executor.workers > 1 and len(names) > 1:
         report(0, len(names), f"{', '.join(names)} on {executor.workers} workers")
-        args = (threat, attack_seed, num_envs, base, surrogate, max_steps)
+        args = (threat, attack_seed, num_envs, base, surrogate, max_steps, noise)
         jobs = [(policy, env_id, env_kwargs, seeds, n, *args) for n in names]
         done = dict(zip(names, executor.map(_suite_job, jobs), strict=True))
     else:
@@ -311,6 +446,7 @@ def evaluate_suite(
                 base,  # one suite's attacks share base.trained
                 surrogate,
                 max_steps,
+                noise,
             )
     report(len(names), len(names))
     out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
@@ -330,11 +466,12 @@ def _suite_job(
     context: AttackContext | None = None,
     surrogate: Policy | None = None,
     max_steps: int | None = None,
+    noise: ObservationNoise | None = None,
 ) -> EvalResult:
     """One evaluation of a suite, as an executor job (top level, so it pickles)."""
     if name == "clean":
         clean, _ = evaluate(
-            policy, env_id, env_kwargs, seeds, num_envs=num_envs, max_steps=max_steps
+            policy, env_id, env_kwargs, seeds, num_envs=num_envs, max_steps=max_steps, noise=noise
         )
         return clean
     return evaluate_attack(
@@ -349,6 +486,7 @@ def _suite_job(
         context=context,
         surrogate=surrogate,
         max_steps=max_steps,
+        noise=noise,
     )
 
 

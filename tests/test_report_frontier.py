@@ -1,6 +1,6 @@
 """The report's ``frontier_analysis`` block (schema v3): the schema describes exactly what
 :func:`compressor.report.frontier.frontier_analysis` emits, and report.md / report.html show it
-in their own section.
+in the one frontier table, with the sweet spot marked apart from the deployed level.
 
 The report is built by :func:`compressor.report.build.build_report` from a tiny CartPole-shaped
 policy, its pruned copies and synthetic evaluation results: no environment is run.
@@ -42,7 +42,7 @@ from compressor.search.sparsity import SearchResult
 from conftest import make_policy
 
 THREAT = ThreatModel(0.1)
-HEADING = "Frontier and regret decomposition"
+HEADING = "Frontier"
 # (clean, robust) per sparsity; dense is (500, 300), random 20, budget 0.05: floors 476 / 276.
 # 0.3 has the best mean score (the sweet spot), 0.6 is the sparsest that passes (the choice).
 RETURNS = {0.3: (498.0, 330.0), 0.6: (490.0, 290.0), 0.9: (300.0, 100.0)}
@@ -120,12 +120,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _section(md: str) -> str:
-    return md.split(f"## {HEADING}", 1)[1].split("\n## ", 1)[0]
+    return md.split(f"## {HEADING}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def test_schema_describes_the_block_and_rejects_a_malformed_one(run: Path) -> None:
     r = load_report(run)
-    assert r["schema_version"] == SCHEMA_VERSION == 3
+    assert r["schema_version"] == SCHEMA_VERSION >= 3
     assert validate(r) == []
     fa = r["frontier_analysis"]
     # every field frontier.py emits is described and required, no more, no fewer
@@ -151,6 +151,12 @@ def test_schema_describes_the_block_and_rejects_a_malformed_one(run: Path) -> No
     assert validate(old) == []
 
 
+def _rows(sec: str) -> dict[str, str]:
+    """The frontier table's rows by their first cell's sparsity (marks stripped)."""
+    rows = [row for row in sec.splitlines() if row.startswith("| ")]
+    return {row.split("|")[1].strip().split(" (")[0]: row for row in rows}
+
+
 def test_markdown_and_html_show_the_section_with_the_sweet_spot(run: Path) -> None:
     r = load_report(run)
     fa = r["frontier_analysis"]
@@ -158,39 +164,41 @@ def test_markdown_and_html_show_the_section_with_the_sweet_spot(run: Path) -> No
     by_target = {p["sparsity"]: p for p in fa["points"]}
     assert sweet != choice and by_target[sweet]["score"] > by_target[choice]["score"]
     md = (run / "report.md").read_text()
-    assert md.count(f"## {HEADING}") == 1 and "## Frontier analysis" not in md
+    # one frontier table (the frontier, regret and frontier-analysis tables of older reports)
+    assert md.count(f"## {HEADING}\n") == 1 and "## Frontier and regret decomposition" not in md
     sec = _section(md)
-    assert f"Sweet spot: sparsity {_pct(sweet)}" in sec
-    assert f"the budget chose {_pct(choice)}" in sec
-    assert f"J(π*) = 520.0: {fa['best_known_source']}" in sec
+    assert f"J(π*) = 520.0 ({fa['best_known_source']})" in sec
     assert "synthetic test reference" in sec
-    rows = {row.split("|")[1].strip(): row for row in sec.splitlines() if row.startswith("| ")}
+    rows = _rows(sec)
     assert set(rows) == {"sparsity", "dense", *(_pct(p["sparsity"]) for p in fa["points"])}
-    assert rows[_pct(sweet)].rstrip(" |").endswith("sweet spot")
-    assert rows[_pct(choice)].rstrip(" |").endswith("budget's choice")
+    assert f"| {_pct(sweet)} (sweet spot) |" in rows[_pct(sweet)]
+    assert f"| {_pct(choice)} (deployed) |" in rows[_pct(choice)]
     for p in fa["points"]:
         assert f"{p['regret']['attack_gap']:,.1f}" in rows[_pct(p["sparsity"])]
     assert sum("sweet spot" in row for row in rows.values()) == 1
+    # the sweet spot is secondary: the banner deploys the budget's choice, and says so
+    assert f"deploy policy.onnx, sparsity {_pct(choice)}" in md
+    assert "Not the recommendation, for comparison: the sweet spot" in md
+    assert f"is {_pct(sweet)}" in md
     assert _unexplained(md, r) == []  # every number in the section comes from the JSON
     html = (run / "report.html").read_text()
-    assert html.count(f"<h2>{HEADING}</h2>") == 1 and "<h2>Frontier analysis</h2>" not in html
-    assert f"Sweet spot: sparsity {_pct(sweet)}" in html
-    assert "budget&#39;s choice" in html
+    assert html.count(f"<h2>{HEADING}</h2>") == 1 and "Frontier and regret" not in html
+    assert f"{_pct(sweet)} (sweet spot)" in html and f"{_pct(choice)} (deployed)" in html
 
 
 def test_dense_sweet_spot_old_reports_and_other_unknown_blocks(run: Path) -> None:
     r = load_report(run)
     # the dense row can be the sweet spot: the sentence says so, the dense row carries the mark
-    fa = r["frontier_analysis"]
-    fa["sweet_spot"] = {"sparsity": 0.0, "score": fa["dense"]["score"]}
-    sec = _section(render_markdown(r, {}))
-    assert "Sweet spot: the dense policy" in sec
-    assert re.search(r"^\| dense \|.*\| sweet spot \|$", sec, re.M)
-    # a report without the block has no such section; other unknown blocks stay generic
+    d = r["derived"]
+    d["sweet_spot"] = {**d["sweet_spot"], "sparsity": 0.0, "label": "dense"}
+    md = render_markdown(r, {})
+    assert "the dense policy: no pruned level scored higher" in md
+    assert re.search(r"^\| dense \(sweet spot\) \|", _section(md), re.M)
+    # a report without the block still has its one frontier table; unknown blocks stay generic
     del r["frontier_analysis"]
     r["calibration"] = {"temperature": 1.5}
     md, html = render_markdown(r, {}), render_html(r, {})
-    assert HEADING not in md and HEADING not in html
+    assert md.count(f"## {HEADING}\n") == 1 and "Score:" not in _section(md)
     assert "## Calibration" in md and "<h2>Calibration</h2>" in html
 
 

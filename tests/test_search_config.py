@@ -149,6 +149,12 @@ def test_shipped_profiles_and_targets_load() -> None:
         ("[threat]\nepz = 0.1\n", "unknown key 'epz'"),
         ("[threat]\neps = 'big'\n", "wrong type"),
         ("[evaluation]\nepisodes = 0\n", "at least 1"),
+        ("[evaluation]\nbatch = 0\n", "at least 1"),
+        ("[evaluation]\nalpha = 0.6\n", "alpha"),
+        ("[evaluation]\nobs_noise = 2.0\n", "obs_noise"),
+        ("[evaluation]\nseed = 9990\n", "reserved for decisions"),  # 9990 + 64 > 10 000
+        ("[finetune]\nstate_seed = 5\n", "reserved for evaluations and decisions"),
+        ("[search]\nchoose = 'biggest'\n", "search.choose"),
         ("[search]\ngrid = [0.5, 1.5]\n", "grid"),
         ("not toml = = =\n", "invalid TOML"),
         ("colour = 'red'\n", "unknown key 'colour'"),

@@ -53,6 +53,14 @@ def run(
             help="magnitude, micro, structured or random (default: the profile's prune.method).",
         ),
     ] = None,
+    choose: Annotated[
+        str | None,
+        typer.Option(
+            "--choose",
+            help="Which passing level to deploy: max-sparsity (the sparsest) or sweet-spot "
+            "(the best mean of clean and robust score); default: the profile's search.choose.",
+        ),
+    ] = None,
     executor: ExecutorOpt = "local",
     workers: WorkersOpt = None,
     address: AddressOpt = "local",
@@ -81,6 +89,7 @@ def run(
         command=command_line(),
         prune_method=prune_method,
         executor=ex,
+        choose=choose,
     )
     try:
         if single:
@@ -118,8 +127,9 @@ def _show_run(r: dict[str, Any], run_dir: Path, as_json: bool) -> None:
     from compressor.report.render import noise_warning
 
     v = r["verdict"]
-    colour = "green" if v["passed"] else "red"
-    out.print(f"[bold {colour}]{'PASS' if v['passed'] else 'FAIL'}[/]: {escape(v['summary'])}")
+    status = v.get("status") or ("pass" if v["passed"] else "fail")  # undecided: never a pass
+    colour = {"pass": "green", "undecided": "yellow"}.get(status, "red")
+    out.print(f"[bold {colour}]{status.upper()}[/]: {escape(v['summary'])}")
     warn = noise_warning((r.get("derived") or {}).get("resolution"))
     if warn:
         out.print(f"[yellow]{escape(warn)}[/yellow]", highlight=False)

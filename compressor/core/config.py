@@ -34,11 +34,46 @@ class ThreatSection:
     space: str = "normalized"
 
 
+#: Episode seeds below this are for evaluations and budget decisions only; fine-tuning (its
+#: states, DAgger rounds, checkpoint selection) and attack training use seeds at or above it.
+DECISION_SEED_END = 10_000
+#: ``[search] choose``: which passing level the run recommends and exports.
+CHOOSE = ("max-sparsity", "sweet-spot")
+
+
 @dataclass(frozen=True)
 class EvaluationSection:
+    """``[evaluation]``: episodes, seeds, and the sequential paired decision.
+
+    :param episodes: episodes of the first look (every policy, every condition).
+    :param seed: the first episode seed; decisions use ``seed .. seed + max_episodes - 1``.
+    :param num_envs: parallel sub-envs.
+    :param max_episodes: the most episodes a decision may use before it says "undecided".
+    :param batch: episodes added per look while a decision is open.
+    :param alpha: one-sided error rate of each decision (a false pass, or a false fail), spent
+        over the planned looks.
+    :param obs_noise: half-width of the uniform observation noise every evaluation episode
+        sees, as a fraction of ε (0: none), seeded by the episode seed.
+    :param fall_fraction: an episode whose return is below
+        ``J_random + fall_fraction · (median dense clean return − J_random)`` is a fall.
+    :param fall_on_termination: an episode that terminates before its time limit is a fall
+        (true for walkers; false where termination is success, e.g. Acrobot).
+    """
+
     episodes: int = 10
     seed: int = 0
     num_envs: int = 16
+    max_episodes: int = 64
+    batch: int = 16
+    alpha: float = 0.05
+    obs_noise: float = 0.01
+    fall_fraction: float = 0.5
+    fall_on_termination: bool = True
+
+    @property
+    def cap(self) -> int:
+        """Most episodes per decision (at least the first look's)."""
+        return max(self.episodes, self.max_episodes)
 
 
 @dataclass(frozen=True)
@@ -198,9 +233,13 @@ class FinetuneSection(FinetuneConfig):
 
 @dataclass(frozen=True)
 class SearchSection:
+    """``[search]``: the sparsity grid, bisection steps, an optional certified-TV ceiling, and
+    which passing level to recommend (``choose``: one of :data:`CHOOSE`)."""
+
     grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
     refine: int = 2
     max_tv: float | None = None
+    choose: str = "max-sparsity"
 
 
 @dataclass(frozen=True)
@@ -231,8 +270,12 @@ class Profile:
     path: str = ""
 
     def seeds(self) -> list[int]:
-        """The evaluation episode seeds (shared by every candidate)."""
+        """The first look's episode seeds (shared by every candidate)."""
         return list(range(self.evaluation.seed, self.evaluation.seed + self.evaluation.episodes))
+
+    def decision_seeds(self) -> list[int]:
+        """Every seed a decision may use, in the order the looks add them."""
+        return list(range(self.evaluation.seed, self.evaluation.seed + self.evaluation.cap))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved profile as a JSON-ready dict."""
@@ -359,8 +402,14 @@ def load_profile(name_or_path: str) -> Profile:
     """Load a shipped profile by name (``hopper``) or a user's TOML file by path."""
     path = _resolve("profiles", name_or_path)
     prof = dataclasses.replace(_build(Profile, _read_toml(path), str(path)), path=str(path))
-    if prof.evaluation.episodes < 1:
-        raise CompressorError(f"{path}: evaluation.episodes must be at least 1")
+    check_evaluation(prof.evaluation, str(path))
+    if prof.finetune.state_seed < DECISION_SEED_END:
+        raise CompressorError(
+            f"{path}: finetune.state_seed must be at least {DECISION_SEED_END}: the seeds below "
+            "are reserved for evaluations and decisions"
+        )
+    if prof.search.choose not in CHOOSE:
+        raise CompressorError(f"{path}: search.choose must be one of {', '.join(CHOOSE)}")
     if not prof.search.grid or any(not 0 <= s < 1 for s in prof.search.grid):
         raise CompressorError(f"{path}: search.grid must list sparsities in [0, 1)")
     from compressor.prune.criteria import PRUNE_METHODS, SCOPES
@@ -372,6 +421,28 @@ def load_profile(name_or_path: str) -> Profile:
     if prof.prune.scope not in SCOPES:
         raise CompressorError(f"{path}: prune.scope must be one of {', '.join(SCOPES)}")
     return prof
+
+
+def check_evaluation(ev: EvaluationSection, where: str) -> None:
+    """Raise :class:`CompressorError` for ``[evaluation]`` settings that cannot decide.
+
+    :param ev: the section. :param where: the profile's path, for the message.
+    """
+    if ev.episodes < 1 or ev.batch < 1:
+        raise CompressorError(
+            f"{where}: evaluation.episodes and evaluation.batch must be at least 1"
+        )
+    if not 0.0 < ev.alpha < 0.5:
+        raise CompressorError(f"{where}: evaluation.alpha must be in (0, 0.5), got {ev.alpha}")
+    if not 0.0 <= ev.obs_noise < 1.0:
+        raise CompressorError(f"{where}: evaluation.obs_noise is a fraction of ε, in [0, 1)")
+    if not 0.0 <= ev.fall_fraction <= 1.0:
+        raise CompressorError(f"{where}: evaluation.fall_fraction must be in [0, 1]")
+    if ev.seed < 0 or ev.seed + ev.cap > DECISION_SEED_END:
+        raise CompressorError(
+            f"{where}: evaluation seeds {ev.seed}..{ev.seed + ev.cap - 1} must lie in "
+            f"0..{DECISION_SEED_END - 1} (the seeds reserved for decisions)"
+        )
 
 
 def profile_for_env(env_id: str) -> Profile | None:

@@ -8,10 +8,13 @@ JSON's ``derived`` block, and rendered from there.
 
 Schema (``compressor/schema/report.schema.json``) is append-only: version 2 adds optional
 fields to version 1 and removes none; version 3 adds the optional ``frontier_analysis`` block
-(:mod:`compressor.report.frontier`). ``compress report RUN_DIR`` re-renders a run without
-recomputing; a version-1 report is completed from the files beside it (the journal, the chosen
-``policy.pt``) where they exist, and an older report without ``frontier_analysis`` is rendered
-without that section.
+(:mod:`compressor.report.frontier`); version 4 adds the paired sequential decision
+(``evaluation_method``, ``final_check``, per-episode records, falls and worst-decile means,
+``verdict.status``/``deploy``; :mod:`compressor.report.verdict`), the chosen policy's numbers
+then being those of ``policy.onnx`` in onnxruntime. ``compress report RUN_DIR`` re-renders a
+run without recomputing; a version-1 report is completed from the files beside it (the
+journal, the chosen ``policy.pt``) where they exist, and an older report without a block is
+rendered without its section.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
+from compressor.core.naming import sparsity_text
 
 if TYPE_CHECKING:  # the renderers need none of the pipeline's modules at run time
     from compressor.certify.global_bound import GlobalCertificate
     from compressor.evaluate import SuiteResult
     from compressor.policy.model import Policy
-    from compressor.run.results import ChosenPolicy, DenseMeasurement, RunSetup
+    from compressor.run.results import ChosenPolicy, DenseMeasurement, FinalCheck, RunSetup
     from compressor.search.budget import Budget
     from compressor.search.candidate import Candidate
     from compressor.search.sparsity import SearchResult
 
 SCHEMA = "edge-policy-compressor/report"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_FILE = Path(__file__).parent / "schema" / "report.schema.json"
 PACKAGES = (
     "edge-policy-compressor",
@@ -140,13 +144,20 @@ def _ci(suite: SuiteResult, name: str | None) -> list[float] | None:
 
 
 def attack_runs(
-    dense: SuiteResult, candidates: list[Any], chosen: SuiteResult | None, screen: list[str]
+    dense: SuiteResult,
+    candidates: list[Any],
+    chosen: SuiteResult | None,
+    screen: list[str],
+    final: list[tuple[str, SuiteResult]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Which attack ran on which policy, what it reached and what it cost.
+    """Which attack ran on which policy, on how many episodes, what it reached and what it cost;
+    one row per (policy, attack).
 
     :param dense: the dense policy's suite (screen and final attacks).
     :param candidates: the search's candidates (screen attacks).
-    :param chosen: the chosen policy's suite (its final attacks are the ones not in ``screen``).
+    :param chosen: the chosen policy's suite, for reports without a final check (its final
+        attacks are the ones not in ``screen``).
+    :param final: the final check's suites by label (ONNX models), in the order run.
     """
     rows: list[dict[str, Any]] = []
 
@@ -158,6 +169,7 @@ def attack_runs(
                 {
                     "policy": label,
                     "attack": name,
+                    "episodes": e.stats.n,
                     "return": round(e.stats.mean, 2),
                     "ci": f"{e.stats.ci_low:.1f} – {e.stats.ci_high:.1f}",
                     "mean_tv": None if e.mean_tv is None else round(e.mean_tv, 4),
@@ -166,10 +178,13 @@ def attack_runs(
                 }
             )
 
-    add("dense", dense, [])
+    add("dense (torch)", dense, [])
     for c in candidates:
-        add(f"sparsity {c.sparsity:.3f}", c.suite, [])
-    if chosen is not None:
+        add(f"sparsity {sparsity_text(c.sparsity)} (torch)", c.suite, [])
+    if final:
+        for label, suite in final:
+            add(label, suite, [])
+    elif chosen is not None:
         add("chosen", chosen, screen)
     return rows
 
@@ -178,12 +193,16 @@ def _policy_block(
     suite: SuiteResult,
     certs: dict[str, GlobalCertificate],
     policy: Policy,
+    rule: Budget,
 ) -> dict[str, Any]:
+    from compressor.report.verdict import tails
+
     return {
         "clean_return": suite.clean.stats.mean,
         "robust_return": suite.robust_return,
         "strongest_attack": suite.strongest_attack,
         "evaluation": suite.to_dict(),
+        "tail": tails(suite, rule),
         "certificates": {k: v.to_dict() for k, v in certs.items()},
         "sparsity": policy.sparsity(),
         "params": policy.num_parameters(),
@@ -193,11 +212,19 @@ def _policy_block(
 
 
 def _chosen_block(setup: RunSetup, rule: Budget, chosen: ChosenPolicy) -> dict[str, Any]:
-    block = _policy_block(chosen.suite, chosen.certificates, chosen.policy)
+    block = _policy_block(chosen.suite, chosen.certificates, chosen.policy, rule)
     cand, exp = chosen.candidate, chosen.export
     block["finetune"] = cand.finetune.to_dict() if cand.finetune else None
     block["local_certificate"] = cand.local
-    block["final_check"] = rule.check(chosen.suite, chosen.certificates[setup.threat.norm])
+    if chosen.decision is not None:
+        block["decision"] = chosen.decision.to_dict()
+        block["final_check"] = list(chosen.decision.reasons)
+        block["measured_on"] = (
+            f"policy.onnx in onnxruntime, batch {setup.target.batch_size}, "
+            f"{', '.join(setup.target.providers)}"
+        )
+    else:
+        block["final_check"] = rule.check(chosen.suite, chosen.certificates[setup.threat.norm])
     pt = setup.run_dir / "policy.pt"
     block["file_bytes"] = pt.stat().st_size if pt.exists() else None
     block["onnx"] = {
@@ -214,7 +241,9 @@ def _chosen_block(setup: RunSetup, rule: Budget, chosen: ChosenPolicy) -> dict[s
     return block
 
 
-def _frontier_row(c: Candidate) -> dict[str, Any]:
+def _frontier_row(c: Candidate, rule: Budget) -> dict[str, Any]:
+    from compressor.report.verdict import tails
+
     return {
         "target_sparsity": c.target_sparsity,
         "sparsity": c.sparsity,
@@ -234,25 +263,10 @@ def _frontier_row(c: Candidate) -> dict[str, Any]:
         "passed": c.passed,
         "reasons": c.reasons,
         "wall_s": round(c.wall_s, 2),
-    }
-
-
-def _verdict(rule: Budget, chosen_block: dict[str, Any] | None) -> dict[str, Any]:
-    if chosen_block is None:
-        return {
-            "passed": False,
-            "chosen_sparsity": None,
-            "summary": f"no evaluated sparsity met budget {rule.budget}; nothing was exported",
-        }
-    return {
-        "passed": True,
-        "chosen_sparsity": chosen_block["sparsity"],
-        "summary": (
-            f"sparsity {chosen_block['sparsity']:.1%} meets budget {rule.budget}: clean "
-            f"{chosen_block['clean_return']:.1f} ≥ {rule.clean_floor:.1f}, robust "
-            f"{chosen_block['robust_return']:.1f} ≥ {rule.robust_floor:.1f}, certificate "
-            "no looser than dense"
-        ),
+        "status": c.status,
+        "episodes": c.decision.episodes if c.decision else None,
+        "tail": tails(c.suite, rule),
+        "decision": c.decision.to_dict() if c.decision else None,
     }
 
 
@@ -272,35 +286,47 @@ def build_report(
     setup: RunSetup,
     dense: DenseMeasurement,
     search: SearchResult,
-    chosen: ChosenPolicy | None,
+    final: FinalCheck | ChosenPolicy | None,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Assemble the report dict (the content of ``report.json``) from the stages' values.
 
     :param setup: the run's set-up. :param dense: the dense measurement.
-    :param search: the search's candidates and choice. :param chosen: the chosen policy, or
-        None. :param timings: seconds per stage.
+    :param search: the search's candidates and choice.
+    :param final: the final check (a bare chosen policy or None stands for a check that tried
+        only that one). :param timings: seconds per stage.
     """
     from compressor.policy.loading import describe
     from compressor.report.frontier import frontier_analysis
+    from compressor.report.verdict import evaluation_method, final_check_block, verdict
+    from compressor.run.results import FinalCheck
 
+    if not isinstance(final, FinalCheck):
+        final = FinalCheck(final)
+    chosen = final.chosen
     prof, rule = setup.profile, dense.rule
     src_file = Path(setup.loaded.path)
-    dense_block = _policy_block(dense.suite, dense.certificates, setup.dense)
+    dense_block = _policy_block(dense.suite, dense.certificates, setup.dense, rule)
     dense_block["file_bytes"] = src_file.stat().st_size if src_file.exists() else None
     dense_block["local_certificate"] = dense.local
     chosen_block = _chosen_block(setup, rule, chosen) if chosen is not None else None
     f = prof.finetune
     screen = dense.screen_suite(prof.attacks.screen)
+    checked = [("dense (ONNX, final check)", final.dense_suite)] if final.dense_suite else []
+    checked += [
+        (f"sparsity {sparsity_text(a.candidate.sparsity)} (ONNX, final check)", a.suite)
+        for a in final.attempts
+    ]
     report = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "verdict": _verdict(rule, chosen_block),
+        "verdict": verdict(setup, rule, final, search.candidates),
         "source": describe(setup.loaded),
         "threat": {"eps": setup.threat.eps, "norm": setup.threat.norm, "space": setup.threat.space},
         "budget": rule.to_dict(),
         "seeds": {
             "evaluation": setup.seeds,
+            "decisions": [prof.decision_seeds()[0], prof.decision_seeds()[-1]],
             "attack_seed": prof.attacks.seed,
             "finetune_state_seeds": [f.state_seed, f.state_seed + f.state_episodes - 1],
         },
@@ -310,10 +336,13 @@ def build_report(
             search.candidates,
             chosen.suite if chosen is not None else None,
             prof.attacks.screen,
+            [(k, v) for k, v in checked if v is not None],
         ),
+        "evaluation_method": evaluation_method(setup, rule),
+        "final_check": final_check_block(final, rule, search.candidates),
         "dense": dense_block,
         "chosen": chosen_block,
-        "frontier": [_frontier_row(c) for c in search.candidates],
+        "frontier": [_frontier_row(c, rule) for c in search.candidates],
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "profile": prof.to_dict(),
         "target": setup.target.to_dict(),
@@ -325,7 +354,7 @@ def build_report(
             screen.strongest_attack,
             dense.certificates[setup.threat.norm].to_dict()["certified_radius"],
             search.candidates,
-            search.chosen,
+            chosen.candidate if chosen is not None else None,
             prof.reference.best_return,
             prof.reference.source,
         ),
@@ -427,8 +456,10 @@ def derive(r: dict[str, Any]) -> dict[str, Any]:
         }
 
     rows = [split(dense, "dense")] + [split(p, "candidate") for p in front]
+    # a report with sequential decisions states its own error rate; the old note does not apply
+    sequential = r.get("evaluation_method") is not None
     return {
-        "resolution": resolution(b, dense),
+        "resolution": None if sequential else resolution(b, dense),
         "scores": {"dense": score(dense), "frontier": scores},
         "sweet_spot": sweet,
         "limit": limit,

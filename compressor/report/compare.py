@@ -26,7 +26,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     norm = r["threat"]["norm"]
     c: Callable[..., Any] = lambda *p: _get(r, "chosen", *p)  # noqa: E731
     rows: list[tuple[str, Any]] = [
-        ("verdict", "pass" if r["verdict"]["passed"] else "fail"),
+        ("verdict", r["verdict"].get("status") or ("pass" if r["verdict"]["passed"] else "fail")),
         ("source", Path(r["source"]["file"]).name),
         ("source sha256", (r["source"].get("sha256") or "")[:12] or None),
         ("environment", _get(r, "profile", "env", "id")),
@@ -50,6 +50,8 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     rows += [
         ("chosen certified bound", c("certificates", norm, "lipschitz")),
         ("chosen certified radius", c("certificates", norm, "certified_radius")),
+        ("chosen falls, clean", c("tail", "clean", "falls")),
+        ("decision episodes spent", _get(r, "verdict", "episodes")),
         ("chosen local certified TV, median", c("local_certificate", "local", "tv_median")),
         ("chosen empirical TV, median", c("local_certificate", "empirical", "tv_median")),
         ("policy.onnx bytes", c("onnx", "file_bytes")),

@@ -13,6 +13,8 @@ from typing import Any
 import matplotlib
 import matplotlib.ticker
 
+from compressor.core.naming import CERT_NAME, cert_unit, sparsity_text
+
 matplotlib.use("Agg")  # headless: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -61,26 +63,27 @@ def _mark(ax: Any, x: float, y: float, kind: str, label: str) -> None:
         ax.plot(x, y, "D", ms=13, mfc="none", mec=SWEET, mew=2.5, zorder=7, label=label)
 
 
-def frontier(r: dict[str, Any]) -> bytes | None:
-    """Clean and robust return vs sparsity (95% CIs), the budget floors, chosen and sweet spot."""
-    pts = sorted(r["frontier"], key=lambda f: f["sparsity"])
-    if not pts:
-        return None
+def _tail_of(p: dict[str, Any], name: str | None) -> dict[str, Any] | None:
+    return (p.get("tail") or {}).get(name or "")
+
+
+def _returns_panel(ax: Any, r: dict[str, Any], pts: list[dict[str, Any]]) -> None:
+    """Clean and robust return vs sparsity with every 95% CI, worst-decile means, floors,
+    the deployed level and the sweet spot; the y-axis holds every interval drawn."""
     dense, b = r["dense"], r["budget"]
     dce = dense["evaluation"]["clean"]["return"]
-    dro = dense["evaluation"]["attacks"].get(dense["strongest_attack"] or "", {}).get("return")
+    worst = dense["strongest_attack"]
+    dro = dense["evaluation"]["attacks"].get(worst or "", {}).get("return")
     x = [100.0 * dense["sparsity"], *_pct(pts)]
     clean = [dense["clean_return"], *(p["clean_return"] for p in pts)]
     c_lo = [dce["ci_low"], *(p["clean_ci"][0] for p in pts)]
     c_hi = [dce["ci_high"], *(p["clean_ci"][1] for p in pts)]
     robust = [dense["robust_return"], *(p["robust_return"] for p in pts)]
     rci = [p.get("robust_ci") for p in pts]
-    fig, ax = plt.subplots(figsize=(12, 4.7))
     ax.axhspan(b["clean_floor"], b["dense_clean"], color=CLEAN, alpha=0.10, lw=0)
     ax.axhline(b["clean_floor"], color=CLEAN, ls="--", lw=1.3, label="clean floor (budget)")
     ax.axhspan(b["robust_floor"], b["dense_robust"], color=ROBUST, alpha=0.10, lw=0)
     ax.axhline(b["robust_floor"], color=ROBUST, ls="--", lw=1.3, label="robust floor (budget)")
-    ax.plot([], [], "s", color="#d6dde6", ms=12, label="allowed loss (budget band)")
     ax.errorbar(
         x,
         clean,
@@ -92,11 +95,13 @@ def frontier(r: dict[str, Any]) -> bytes | None:
         capsize=4,
         label="clean return (95% CI)",
     )
+    shown = [*c_lo, *c_hi, *clean, *robust, b["robust_floor"], b["clean_floor"]]
     r_err = None
     if dro is not None and all(c is not None for c in rci):
         r_lo = [dro["ci_low"], *(c[0] for c in rci)]  # type: ignore[index]
         r_hi = [dro["ci_high"], *(c[1] for c in rci)]  # type: ignore[index]
         r_err = [[m - lo for m, lo in zip(robust, r_lo)], [hi - m for m, hi in zip(robust, r_hi)]]
+        shown += [*r_lo, *r_hi]
     ax.errorbar(
         x,
         robust,
@@ -108,54 +113,105 @@ def frontier(r: dict[str, Any]) -> bytes | None:
         capsize=4,
         label="robust return, worst attack" + (" (95% CI)" if r_err else ""),
     )
+    rows = [dense, *pts]
+    worsts = [worst, *(p["strongest_attack"] for p in pts)]
+    cv_clean = [_tail_of(p, "clean") for p in rows]
+    cv_robust = [_tail_of(p, w) for p, w in zip(rows, worsts)]
+    if all(cv_clean) and all(cv_robust):
+        yc = [t["cvar10"] for t in cv_clean]  # type: ignore[index]
+        yr = [t["cvar10"] for t in cv_robust]  # type: ignore[index]
+        ax.plot(x, yc, ":", color=CLEAN, lw=1.8, marker=".", label="clean, worst-decile mean")
+        ax.plot(x, yr, ":", color=ROBUST, lw=1.8, marker=".", label="robust, worst-decile mean")
+        shown += [*yc, *yr]
     failed = [(100 * p["sparsity"], p["clean_return"]) for p in pts if not p["passed"]]
     if failed:
-        ax.plot(*zip(*failed), "x", color="black", ms=9, mew=2, zorder=5, label="fails budget")
-    a = r.get("derived") or {}
-    c = r.get("chosen")
-    if c:
-        _mark(ax, 100 * c["sparsity"], c["clean_return"], "chosen", "chosen")
-        _mark(ax, 100 * c["sparsity"], c["robust_return"], "chosen", "_")
-    sw = a.get("sweet_spot")
+        ax.plot(*zip(*failed), "x", color="black", ms=9, mew=2, zorder=5, label="did not pass")
+    c, sw = r.get("chosen"), (r.get("derived") or {}).get("sweet_spot")
+    at = {round(p["sparsity"], 9): p for p in pts}
+    if c:  # the deployed level, where the search measured it (its final numbers: final check)
+        row = at.get(round(c["sparsity"], 9), c)
+        _mark(ax, 100 * c["sparsity"], row["clean_return"], "chosen", "deployed")
+        _mark(ax, 100 * c["sparsity"], row["robust_return"], "chosen", "_")
     if sw:
-        _mark(ax, 100 * sw["sparsity"], sw["clean_return"], "sweet", "sweet spot")
+        _mark(ax, 100 * sw["sparsity"], sw["clean_return"], "sweet", "sweet spot (not deployed)")
         _mark(ax, 100 * sw["sparsity"], sw["robust_return"], "sweet", "_")
-    notes = []
-    if c:
-        notes.append((c["sparsity"], c["clean_return"], f"chosen {100 * c['sparsity']:.1f}%"))
-    if sw and not (c and sw["sparsity"] == c["sparsity"]):
-        what = " (dense)" if sw.get("label") == "dense" else ""
-        notes.append(
-            (sw["sparsity"], sw["clean_return"], f"sweet spot {100 * sw['sparsity']:.1f}%{what}")
-        )
-    elif sw:
-        notes = [
-            (sw["sparsity"], sw["clean_return"], f"chosen = sweet spot {100 * sw['sparsity']:.1f}%")
-        ]
-    lo, top = min(*robust, *clean, b["robust_floor"]), max(c_hi)
-    span = top - lo
-    ax.set_ylim(lo - 0.05 * span, top + (0.12 + 0.1 * len(notes)) * span)
-    for i, (sx, sy, text) in enumerate(notes):
-        ax.annotate(
-            text,
-            (100 * sx, sy),
-            xytext=(100 * sx + (4 if sx < 0.4 else -4), top + (0.08 + 0.1 * i) * span),
-            ha="left" if sx < 0.4 else "right",
-            fontsize=12,
-            fontweight="bold",
-            arrowprops={"arrowstyle": "->", "color": "black", "lw": 1.2},
-        )
+    lo, top = min(shown), max(shown)
+    span = max(top - lo, 1e-9)
+    ax.set_ylim(lo - 0.06 * span, top + 0.08 * span)
     ax.text(0, dense["clean_return"], "  dense", va="bottom", fontsize=11, color=CLEAN)
-    ax.set_xlabel("sparsity (% of weights pruned)")
     ax.set_ylabel("episode return")
     ax.set_title("Frontier: return vs sparsity")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _falls_panel(ax: Any, r: dict[str, Any], pts: list[dict[str, Any]]) -> bool:
+    """Share of episodes that fell, clean and under the worst attack, per level."""
+    dense = r["dense"]
+    rows = [dense, *pts]
+    worsts = [dense["strongest_attack"], *(p["strongest_attack"] for p in pts)]
+    clean = [_tail_of(p, "clean") for p in rows]
+    robust = [_tail_of(p, w) for p, w in zip(rows, worsts)]
+    if not all(clean) or not all(robust):
+        return False
+    x = [100.0 * p["sparsity"] for p in rows]
+    w = max(0.8, 0.012 * (max(x) - min(x) + 1))
+    fc = [100 * t["falls"] / max(t["n"], 1) for t in clean]  # type: ignore[index]
+    fr = [100 * t["falls"] / max(t["n"], 1) for t in robust]  # type: ignore[index]
+    ax.bar([v - w / 2 for v in x], fc, w, color=CLEAN, label="clean")
+    ax.bar([v + w / 2 for v in x], fr, w, color=ROBUST, label="worst attack")
+    last = None
+    for v, a, b_, tc, tr in zip(x, fc, fr, clean, robust):
+        if last is not None and v - last < 0.03 * (max(x) - min(x) + 1):
+            continue  # too close to the previous label to read: the table has the counts
+        last = v
+        label = f"{tc['falls']}/{tc['n']}; {tr['falls']}/{tr['n']}"  # type: ignore[index]
+        ax.text(v, max(a, b_) + 4, label, ha="center", va="bottom", fontsize=8, rotation=90)
+    ax.set_ylim(0, 175)
+    ax.set_yticks([0, 50, 100])
+    ax.set_ylabel("falls (% of episodes)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return True
+
+
+def frontier(r: dict[str, Any]) -> bytes | None:
+    """Clean and robust return vs sparsity (95% CIs, worst-decile means, floors, deployed level,
+    sweet spot) above the share of episodes that fell."""
+    fig = frontier_figure(r)
+    return None if fig is None else _png(fig)
+
+
+def frontier_figure(r: dict[str, Any]) -> Figure | None:
+    """The figure of :func:`frontier` (None: nothing to draw)."""
+    pts = sorted(r["frontier"], key=lambda f: f["sparsity"])
+    if not pts:
+        return None
+    has_falls = all(p.get("tail") for p in [r["dense"], *pts])
+    if has_falls:
+        fig, (ax, axf) = plt.subplots(
+            2, 1, figsize=(12, 6.4), sharex=True, gridspec_kw={"height_ratios": [3.2, 1]}
+        )
+    else:
+        fig, ax = plt.subplots(figsize=(12, 4.9))
+        axf = None
+    _returns_panel(ax, r, pts)
+    last = ax
+    if axf is not None and _falls_panel(axf, r, pts):
+        last = axf
+    last.set_xlabel("sparsity (% of weights pruned)")
+    last.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
+    x = [0.0, *_pct(pts)]
     ax.set_xlim(-3, max(x) + 5)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, ncol=4)
-    return _png(fig)
+    fig.tight_layout()
+    return fig
+
+
+def _sparsity_tick(v: float, _: Any = None) -> str:
+    """Axis ticks in the tables' format (``50.0%``)."""
+    return sparsity_text(v / 100.0)
 
 
 def certificate(r: dict[str, Any]) -> bytes | None:
-    """Global certified Lipschitz bound and local certified vs empirical TV, vs sparsity."""
+    """The certified bound (global) and local certified vs empirical TV, vs sparsity."""
     pts = sorted(r["frontier"], key=lambda f: f["sparsity"])
     if not pts:
         return None
@@ -165,18 +221,18 @@ def certificate(r: dict[str, Any]) -> bytes | None:
     x = [100.0 * dense["sparsity"], *_pct(pts)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6))
     lip = [dcert["lipschitz"], *(p["lipschitz"] for p in pts)]
-    ax1.plot(x, lip, "-o", color=CERT, lw=2.2, ms=6, label="certified bound (global)")
+    ax1.plot(x, lip, "-o", color=CERT, lw=2.2, ms=6, label=f"{CERT_NAME} (global)")
     ax1.axhline(dcert["lipschitz"], color=GREY, ls="--", lw=1.3, label="dense = budget ceiling")
     if c:
-        _mark(ax1, 100 * c["sparsity"], c["certificates"][norm]["lipschitz"], "chosen", "chosen")
+        lip_c = c["certificates"][norm]["lipschitz"]
+        _mark(ax1, 100 * c["sparsity"], lip_c, "chosen", "deployed")
     ax1.set_yscale("log")
     ax1.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    name = "logit change" if dcert["shift_name"] == "logit_oscillation" else "Mahalanobis shift"
-    ax1.set_title(f"Global certificate: {name} per unit ε")
-    ax1.set_xlabel("sparsity (%)")
-    ax1.set_ylabel("certified bound (log, lower = tighter)")
+    ax1.set_title(f"{CERT_NAME}: {cert_unit(dcert.get('shift_name'))}", fontsize=13)
+    ax1.set_xlabel("sparsity (% of weights pruned)")
+    ax1.set_ylabel(f"{CERT_NAME} (log, lower = tighter)")
     ax1.legend(frameon=False)
     local = [p.get("local_tv_median") for p in pts]
     emp = [p.get("empirical_tv_median") for p in pts]
@@ -206,13 +262,15 @@ def certificate(r: dict[str, Any]) -> bytes | None:
         ":",
         color=GREY,
         lw=2,
-        label="certified (global bound)",
+        label=f"certified (from the {CERT_NAME})",
     )
     if c and c.get("local_certificate"):
         _mark(ax2, 100 * c["sparsity"], c["local_certificate"]["local"]["tv_median"], "chosen", "_")
     ax2.set_ylim(0, 1.05)
     ax2.set_title(f"TV distance at ε = {r['threat']['eps']}, median state")
-    ax2.set_xlabel("sparsity (%)")
+    ax2.set_xlabel("sparsity (% of weights pruned)")
+    for a in (ax1, ax2):
+        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
     ax2.set_ylabel("TV(π(s), π(ŝ))")
     ax2.legend(frameon=False)
     fig.tight_layout()
@@ -220,43 +278,79 @@ def certificate(r: dict[str, Any]) -> bytes | None:
 
 
 def attacks(r: dict[str, Any]) -> bytes | None:
-    """Return per condition (clean and each attack), dense vs the chosen policy, with 95% CIs."""
+    """Return per condition (clean and each attack), dense vs the deployed policy, measured the
+    same way (both ONNX when the report has a final check), with 95% CIs and falls."""
     dense, c = r["dense"], r.get("chosen")
-    names = ["clean", *dense["evaluation"]["attacks"]]
+    fc = r.get("final_check")
+    dense_ev = fc["dense"]["evaluation"] if fc else dense["evaluation"]
+    dense_tail = (fc["dense"].get("tail") if fc else dense.get("tail")) or {}
+    names = ["clean", *dense_ev["attacks"]]
 
-    def stats(block: dict[str, Any], n: str) -> dict[str, Any] | None:
-        ev = block["evaluation"]
+    def stats(ev: dict[str, Any], n: str) -> dict[str, Any] | None:
         e = ev["clean"] if n == "clean" else ev["attacks"].get(n)
         return e["return"] if e else None
 
-    series = [("dense", dense, "#95a5a6")]
+    label = "dense (ONNX)" if fc else "dense"
+    series = [(label, dense_ev, dense_tail, "#95a5a6")]
     if c:
-        series.append((f"chosen ({100 * c['sparsity']:.1f}%)", c, CLEAN))
+        series.append(
+            (
+                f"deployed ({sparsity_text(c['sparsity'])})",
+                c["evaluation"],
+                c.get("tail") or {},
+                CLEAN,
+            )
+        )
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     width = 0.8 / len(series)
-    for i, (label, block, colour) in enumerate(series):
+    top = [r["budget"]["robust_floor"]]
+    bottom = [0.0, r["budget"]["robust_floor"]]
+    for i, (lab, ev, tl, colour) in enumerate(series):
         xs: list[float] = []
         ys: list[float] = []
         err: list[list[float]] = [[], []]
         for j, n in enumerate(names):
-            s = stats(block, n)
+            s = stats(ev, n)
             if s is None:
                 continue
-            xs.append(j + (i - (len(series) - 1) / 2) * width)
+            xj = j + (i - (len(series) - 1) / 2) * width
+            xs.append(xj)
             ys.append(s["mean"])
             err[0].append(max(s["mean"] - s["ci_low"], 0.0))
             err[1].append(max(s["ci_high"] - s["mean"], 0.0))
-        ax.bar(xs, ys, width, yerr=err, color=colour, label=label, capsize=4, ec="black", lw=0.5)
+            top.append(s["ci_high"])
+            bottom.append(s["ci_low"])
+            t = tl.get(n)
+            if t:
+                ax.text(
+                    xj,
+                    s["ci_high"],
+                    f"{t['falls']}/{t['n']}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8.5,
+                )
+        ax.bar(xs, ys, width, yerr=err, color=colour, label=lab, capsize=4, ec="black", lw=0.5)
     ax.axhline(r["budget"]["robust_floor"], color=ROBUST, ls="--", lw=1.3, label="robust floor")
+    span = max(max(top) - min(bottom), 1e-9)
+    ax.set_ylim(min(bottom) - 0.02 * span, max(top) + 0.12 * span)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("episode return (95% CI)")
-    ax.set_title("Return under each attack")
+    ax.set_title("Return under each attack (labels: falls)")
     ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     return _png(fig)
 
 
 def regret(r: dict[str, Any]) -> bytes | None:
-    """Clean regret, pruning loss and attack gap per sparsity (they sum to the total regret)."""
+    """Total regret per level as a waterfall of clean regret, pruning loss and attack gap: each
+    term starts where the previous one ends (a negative one goes down), so the last ends at the
+    total, marked."""
+    fig = regret_figure(r)
+    return None if fig is None else _png(fig)
+
+
+def regret_figure(r: dict[str, Any]) -> Figure | None:
+    """The figure of :func:`regret` (None: nothing to draw)."""
     rg = (r.get("derived") or {}).get("regret")
     if not rg or not rg.get("rows"):
         return None
@@ -268,25 +362,22 @@ def regret(r: dict[str, Any]) -> bytes | None:
         ("attack_gap", "attack gap J(pruned) − J̃(attacked)", ROBUST),
     ]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    pos = [0.0] * len(rows)
-    neg = [0.0] * len(rows)
+    level = [0.0] * len(rows)
     for key, label, colour in parts:
         vals = [row[key] for row in rows]
-        bottoms = [pos[i] if v >= 0 else neg[i] for i, v in enumerate(vals)]
-        ax.bar(x, vals, 0.6, bottom=bottoms, color=colour, label=label, ec="black", lw=0.5)
-        for i, v in enumerate(vals):
-            if v >= 0:
-                pos[i] += v
-            else:
-                neg[i] += v
+        ax.bar(x, vals, 0.6, bottom=level, color=colour, label=label, ec="black", lw=0.5)
+        level = [b + v for b, v in zip(level, vals)]
     ax.plot(x, [row["total"] for row in rows], "D", color="black", ms=7, label="total regret")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, [f"{100 * row['sparsity']:.4g}%" for row in rows])
+    labels = [
+        "dense" if row["label"] == "dense" else sparsity_text(row["sparsity"]) for row in rows
+    ]
+    ax.set_xticks(x, labels, rotation=30 if len(rows) > 5 else 0)
     ax.set_xlabel("sparsity")
     ax.set_ylabel("return lost")
-    ax.set_title("Regret decomposition")
-    ax.legend(frameon=False, fontsize=9.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    return _png(fig)
+    ax.set_title("Regret decomposition (bars sum to the total)")
+    ax.legend(frameon=False, fontsize=9.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+    return fig
 
 
 def layers(r: dict[str, Any]) -> bytes | None:
@@ -315,8 +406,9 @@ def layers(r: dict[str, Any]) -> bytes | None:
         )
     ax.set_yticks(y, labels)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("weights pruned (%)")
-    ax.set_title("Per-layer sparsity (chosen)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
+    ax.set_xlabel("weights pruned")
+    ax.set_title("Per-layer sparsity (deployed)")
     ax.grid(False)
     return _png(fig)
 
@@ -324,9 +416,9 @@ def layers(r: dict[str, Any]) -> bytes | None:
 FIGURES: dict[str, tuple[str, Callable[[dict[str, Any]], bytes | None]]] = {
     "frontier": ("Frontier: clean and robust return vs sparsity", frontier),
     "certificate": ("Certificates vs sparsity", certificate),
-    "attacks": ("Return under each attack, dense vs chosen", attacks),
+    "attacks": ("Return under each attack, dense vs deployed", attacks),
     "regret": ("Regret decomposition", regret),
-    "layers": ("Per-layer sparsity of the chosen policy", layers),
+    "layers": ("Per-layer sparsity of the deployed policy", layers),
 }
 
 

@@ -1,5 +1,6 @@
 """``compress run``: set-up → dense measurement → search (prune, fine-tune, evaluate, certify,
-budget check per candidate) → chosen policy (final attacks, certificates, export) → report.
+budget decision per candidate) → final check (the passing levels as ONNX models on the final
+suite, the sparsest first; certificates, export) → report.
 
 Each stage (compressor/run/stages.py) passes a frozen value to the next; the run directory
 receives the resolved config, a journal of finished candidates, the chosen ``policy.pt`` and
@@ -21,7 +22,7 @@ from compressor.core.progress import Reporter
 from compressor.evaluate import SuiteResult
 from compressor.report.build import build_report, write_report
 from compressor.report.performance import performance_block, suite_steps, training_steps
-from compressor.run.results import ChosenPolicy, DenseMeasurement
+from compressor.run.results import DenseMeasurement, FinalCheck
 from compressor.run.stages import finish_chosen, measure_dense, search, set_up
 
 
@@ -50,6 +51,7 @@ def run_pipeline(
     reporter: Reporter | None = None,
     prune_method: str | None = None,
     executor: Executor | None = None,
+    choose: str | None = None,
 ) -> RunResult:
     """Compress ``src`` within ``budget`` and write the run directory.
 
@@ -64,6 +66,8 @@ def run_pipeline(
     :param prune_method: overrides the profile's ``[prune] method``.
     :param executor: where the attack-suite evaluations and the search's candidates run
         (default: in this process); the numbers do not depend on it. The caller closes it.
+    :param choose: which passing level to deploy, ``max-sparsity`` or ``sweet-spot``
+        (default: the profile's ``[search] choose``).
     """
     rep = reporter or Reporter(enabled=False)
     ex = executor or SerialExecutor()
@@ -82,13 +86,13 @@ def run_pipeline(
     )
     dense = measure_dense(setup, ex, rep)
     result, search_suites = search(setup, dense, ex, rep)
-    chosen = finish_chosen(setup, dense, result, ex, rep)
+    final = finish_chosen(setup, dense, result, ex, rep, choose=choose)
     rep.timings["total"] = time.perf_counter() - t_start
-    report = build_report(setup, dense, result, chosen, rep.timings)
-    report["performance"] = _performance(rep, ex, dense, search_suites, chosen)
+    report = build_report(setup, dense, result, final, rep.timings)
+    report["performance"] = _performance(rep, ex, dense, search_suites, final)
     with rep.stage("report"):
         write_report(report, setup.run_dir)
-    return RunResult(setup.run_dir, report, chosen is not None)
+    return RunResult(setup.run_dir, report, final.passed)
 
 
 def _performance(
@@ -96,15 +100,15 @@ def _performance(
     ex: Executor,
     dense: DenseMeasurement,
     search_suites: list[SuiteResult],
-    chosen: ChosenPolicy | None,
+    final_check: FinalCheck,
 ) -> dict[str, Any]:
     """The report's ``performance`` block: stage times, env steps, memory."""
-    final = [chosen.final_only] if chosen is not None else []
+    final = final_check.suites
     steps = {
         "evaluate dense": suite_steps([dense.suite]),
         "collect states": dense.state_steps,
         "search": suite_steps(search_suites),
-        "evaluate chosen (final attacks)": suite_steps(final, include_clean=False),
+        "final check": suite_steps(final),
     }
     trained = training_steps([dense.suite, *search_suites, *final])
     return performance_block(rep.timings, steps, ex, {"attack_training_env_steps": trained})

@@ -1,5 +1,5 @@
 """The stages of ``compress run``, each a function from the values of the stages before it to a
-frozen value (compressor/run/results.py): set-up, dense measurement, search, chosen policy.
+frozen value (compressor/run/results.py): set-up, dense measurement, search, final check.
 The report (compressor/report/build.py) is made from those values alone.
 """
 
@@ -11,26 +11,44 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from compressor.attacks import NEEDS_CRITIC
 from compressor.attacks.base import AttackBudget, AttackContext
-from compressor.core.config import Target
+from compressor.core import atomic
+from compressor.core.config import CHOOSE, Target
 from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor
-from compressor.core.progress import Reporter
-from compressor.deploy.export import export_onnx
+from compressor.core.naming import sparsity_text
+from compressor.core.progress import Progress, Reporter
+from compressor.deploy.export import ExportResult, export_onnx
+from compressor.deploy.onnx_actor import OnnxActor
 from compressor.evaluate import SuiteResult, evaluate_suite, random_action_return
 from compressor.policy.loading import load_policy
-from compressor.policy.model import DISCRETE_HEADS
+from compressor.policy.model import DISCRETE_HEADS, Policy
 from compressor.policy.native import save_policy
 from compressor.prune.criteria import PRUNE_METHODS
 from compressor.rl.envs import check_policy_fits_env
 from compressor.run.journal import Journal, open_run_dir
 from compressor.run.ledger import CandidateLedger
-from compressor.run.results import ChosenPolicy, DenseMeasurement, RunSetup
+from compressor.run.results import (
+    ChosenPolicy,
+    DenseMeasurement,
+    FinalAttempt,
+    FinalCheck,
+    RunSetup,
+)
 from compressor.run.settings import resolve_settings, without_critic_attacks
 from compressor.search.budget import Budget
-from compressor.search.candidate import CandidateJob, certify_all, certify_at_states, dense_states
+from compressor.search.candidate import (
+    Candidate,
+    CandidateJob,
+    certify_all,
+    certify_at_states,
+    dense_states,
+    suite_evaluator,
+)
+from compressor.search.sequential import Evaluator, Plan, ReferenceSeries, decide
 from compressor.search.sparsity import SearchResult, search_sparsity
 
 
@@ -82,9 +100,9 @@ def set_up(
 
 
 def measure_dense(setup: RunSetup, ex: Executor, rep: Reporter) -> DenseMeasurement:
-    """Clean return and every attack of the suite on the evaluation seeds, the random-action
-    floor, the dense policy's own states (distillation), its certificates, and the budget rule
-    they fix."""
+    """Clean return and every attack of the suite on the first look's seeds (with the run's
+    observation noise), the random-action floor, the dense policy's own states (distillation),
+    its certificates, and the budget rule they fix."""
     prof, dense = setup.profile, setup.dense
     attacks = list(dict.fromkeys(prof.attacks.screen + prof.attacks.final))
     # learned adversaries and RS's Q are trained on the dense policy and saved; the chosen
@@ -98,8 +116,10 @@ def measure_dense(setup: RunSetup, ex: Executor, rep: Reporter) -> DenseMeasurem
         env_kwargs=setup.env_kwargs,
         budget=AttackBudget.from_section(prof.attacks),
     )
+    # the dense policy's adversaries are saved; the context shares its cache (ctx.trained)
+    dctx = dataclasses.replace(ctx, save_dir=_adversaries(setup, "dense"))
     with rep.stage("evaluate dense", total=len(attacks) + 1) as progress:
-        suite = _suite(setup, attacks, ex, ctx, "dense", progress=progress)
+        suite = _suite(setup, attacks, ex, dctx, progress=progress)
         rand = random_action_return(
             setup.env_id, setup.env_kwargs, setup.seeds, prof.evaluation.num_envs
         )
@@ -113,6 +133,8 @@ def measure_dense(setup: RunSetup, ex: Executor, rep: Reporter) -> DenseMeasurem
     screen = SuiteResult(
         suite.clean, {k: v for k, v in suite.attacks.items() if k in prof.attacks.screen}
     )
+    ev = prof.evaluation
+    median = float(np.median(suite.clean.stats.returns))
     rule = Budget(
         budget=setup.budget,
         dense_clean=suite.clean.stats.mean,
@@ -120,8 +142,17 @@ def measure_dense(setup: RunSetup, ex: Executor, rep: Reporter) -> DenseMeasurem
         random_return=rand,
         dense_lipschitz=certs[setup.threat.norm].lipschitz,
         max_tv=prof.search.max_tv,
+        reference_attack=screen.strongest_attack,
+        fall_below=rand + ev.fall_fraction * (median - rand) if ev.fall_fraction > 0 else None,
+        fall_on_termination=ev.fall_on_termination,
     )
-    return DenseMeasurement(suite, rand, states, state_steps, states[pick], certs, local, rule, ctx)
+    # the dense episodes every candidate is paired with, extended when a decision needs more
+    more = suite_evaluator(dense, prof, setup.threat, dctx, noise=setup.noise, executor=ex)
+    looks = Plan.from_section(ev).looks
+    reference = ReferenceSeries(more, {"clean": screen.clean, **screen.attacks}, looks)
+    return DenseMeasurement(
+        suite, rand, states, state_steps, states[pick], certs, local, rule, ctx, reference
+    )
 
 
 def _suite(
@@ -129,11 +160,9 @@ def _suite(
     attacks: list[str],
     ex: Executor,
     ctx: AttackContext,
-    who: str,
     **kw: object,
 ) -> SuiteResult:
-    """``ctx.policy`` under ``attacks`` on the run's seeds; trained adversaries saved under
-    ``adversaries/<who>/``."""
+    """``ctx.policy`` under ``attacks`` on the first look's seeds, with the run's noise."""
     prof = setup.profile
     return evaluate_suite(
         ctx.policy,
@@ -145,7 +174,8 @@ def _suite(
         attack_seed=prof.attacks.seed,
         num_envs=prof.evaluation.num_envs,
         executor=ex,
-        context=dataclasses.replace(ctx, save_dir=setup.run_dir / "adversaries" / who),
+        context=ctx,
+        noise=setup.noise,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -153,7 +183,7 @@ def _suite(
 def search(
     setup: RunSetup, dense: DenseMeasurement, ex: Executor, rep: Reporter
 ) -> tuple[SearchResult, list[SuiteResult]]:
-    """The sparsity search (grid, then bisection) over candidates built by a
+    """The sparsity search (grid, then bisection) over candidates built and decided by a
     :class:`CandidateLedger`; also the suites evaluated in this invocation (for the run's
     performance block: a resumed run reuses the journal's)."""
     prof = setup.profile
@@ -166,8 +196,10 @@ def search(
         cert_states=dense.cert_states,
         seeds=setup.seeds,
         attack_ctx=dense.attack_ctx,
+        noise=setup.noise,
     )
-    ledger = CandidateLedger(Journal(setup.run_dir), job, ex, rep)
+    assert dense.reference is not None
+    ledger = CandidateLedger(Journal(setup.run_dir), job, ex, rep, dense.reference)
     if setup.resumed:
         rep.info(f"resuming {setup.run_dir}: {len(ledger.finished)} candidate(s) already finished")
     t0 = time.perf_counter()
@@ -178,44 +210,192 @@ def search(
     return result, ledger.suites
 
 
+def _adversaries(setup: RunSetup, who: str) -> Path:
+    """Where the adversaries trained on ``who`` are saved."""
+    return setup.run_dir / "adversaries" / who
+
+
 def finish_chosen(
-    setup: RunSetup, dense: DenseMeasurement, result: SearchResult, ex: Executor, rep: Reporter
-) -> ChosenPolicy | None:
-    """The chosen candidate under the final attacks it was not screened with (the learned ones
-    warm-started from the dense policy's), its certificates, and its export."""
-    chosen = result.chosen
-    if chosen is None or chosen.policy is None:
-        return None
-    prof, pol = setup.profile, chosen.policy
-    extra = [a for a in prof.attacks.final if a not in prof.attacks.screen]
-    ctx = dense.attack_ctx.for_policy(pol, warm_start=setup.run_dir / "adversaries" / "dense")
-    with rep.stage("evaluate chosen (final attacks)", total=max(len(extra), 1)) as progress:
-        final_only = _suite(
-            setup, extra, ex, ctx, "chosen", clean=chosen.suite.clean, progress=progress
-        )
-    suite = SuiteResult(
-        chosen.suite.clean, {**chosen.suite.attacks, **final_only.attacks}, final_only.threat
+    setup: RunSetup,
+    dense: DenseMeasurement,
+    result: SearchResult,
+    ex: Executor,
+    rep: Reporter,
+    choose: str | None = None,
+) -> FinalCheck:
+    """The final check: the search's passing levels in turn (the sparsest first, or the best
+    scored with ``choose="sweet-spot"``), each exported and judged as its ONNX model in
+    onnxruntime at the target's batch size on the whole final suite, paired with the dense
+    policy's ONNX model on the same seeds and noise, until one passes: that one is certified and
+    written as ``policy.onnx`` and ``policy.pt``.
+
+    :param choose: ``max-sparsity`` or ``sweet-spot`` (default: the profile's ``[search]``).
+    """
+    prof = setup.profile
+    how = choose or prof.search.choose
+    if how not in CHOOSE:
+        raise CompressorError(f"--choose must be one of {', '.join(CHOOSE)}, got {how!r}")
+    order = _final_order(result, dense.rule, how)
+    if not order:
+        return FinalCheck(None, (), how)
+    names = ["clean", *dict.fromkeys(prof.attacks.screen + prof.attacks.final)]
+    with rep.stage("final check: dense ONNX model", total=len(names)) as progress:
+        dense_export = _export(setup, setup.dense, setup.run_dir / "final" / "dense.onnx", None)
+        ctx = dataclasses.replace(dense.attack_ctx, save_dir=_adversaries(setup, "dense"))
+        more = _onnx_evaluator(setup, dense_export.path, setup.dense, ctx, ex)
+        reference = ReferenceSeries(more, looks=Plan.from_section(prof.evaluation).looks)
+        first = reference.get(names, setup.seeds)
+        progress(len(names), len(names))
+    strongest = SuiteResult(first["clean"], {k: v for k, v in first.items() if k != "clean"})
+    rule = dataclasses.replace(
+        dense.rule,
+        dense_robust=strongest.robust_return,
+        reference_attack=strongest.strongest_attack,
     )
-    with rep.stage("certify chosen"):
-        certs = certify_all(pol, setup.threat, prof)
-    with rep.stage("export"):
-        pol.spec.source = {**setup.dense.spec.source, "compressed_from": setup.loaded.sha256}
-        save_policy(pol, setup.run_dir / "policy.pt")
-        meta = {
-            "eps": str(setup.threat.eps),
-            "eps_space": setup.threat.space,
-            "norm": setup.threat.norm,
+    attempts: list[FinalAttempt] = []
+    for cand in order:
+        label = f"final check: sparsity {sparsity_text(cand.sparsity)}"
+        with rep.stage(label, total=None) as progress:
+            attempt = _final_attempt(setup, dense, cand, reference, rule, ex, progress)
+        attempts.append(attempt)
+        rep.info(f"  {label}: {_attempt_line(attempt)}")
+        if attempt.decision.passed:
+            chosen = _adopt(setup, attempt)
+            return FinalCheck(
+                chosen,
+                tuple(attempts),
+                how,
+                _merged(reference),
+                dense_export,
+                rule.paired(),
+                setup.target.batch_size,
+            )
+    return FinalCheck(
+        None,
+        tuple(attempts),
+        how,
+        _merged(reference),
+        dense_export,
+        rule.paired(),
+        setup.target.batch_size,
+    )
+
+
+def _final_order(result: SearchResult, rule: Budget, how: str) -> list[Candidate]:
+    """The passing levels in the order the final check tries them."""
+    passing = [c for c in result.candidates if c.passed and c.policy is not None]
+    if how == "sweet-spot":
+
+        def score(c: Candidate) -> float:
+            clean = (c.suite.clean.stats.mean - rule.random_return) / rule.scale
+            robust = (c.suite.robust_return - rule.random_return) / rule.scale
+            return (clean + robust) / 2
+
+        return sorted(passing, key=lambda c: (score(c), c.sparsity), reverse=True)
+    return sorted(passing, key=lambda c: c.sparsity, reverse=True)
+
+
+def _merged(reference: ReferenceSeries) -> SuiteResult:
+    """The reference series as one suite (each condition with every episode it ran)."""
+    r = reference.results
+    return SuiteResult(r["clean"], {k: v for k, v in r.items() if k != "clean"})
+
+
+def _onnx_evaluator(
+    setup: RunSetup, path: Path, surrogate: Policy, ctx: AttackContext, ex: Executor
+) -> Evaluator:
+    """Evaluates the ONNX model at ``path`` in onnxruntime, as the target runs it (its
+    providers, threads and batch size), attacked through ``surrogate``."""
+    t = setup.target
+    actor = OnnxActor(path, providers=t.providers, threads=t.threads, batch_size=t.batch_size)
+    return suite_evaluator(
+        actor,
+        setup.profile,
+        setup.threat,
+        ctx,
+        noise=setup.noise,
+        surrogate=surrogate,
+        executor=ex,
+    )
+
+
+def _final_attempt(
+    setup: RunSetup,
+    dense: DenseMeasurement,
+    cand: Candidate,
+    reference: ReferenceSeries,
+    rule: Budget,
+    ex: Executor,
+    progress: Progress,
+) -> FinalAttempt:
+    """One passing level: exported, measured as its ONNX model, decided against the dense one."""
+    pol = cand.policy
+    assert pol is not None
+    prof = setup.profile
+    key = Journal.key(cand.target_sparsity)
+    exported = _export(setup, pol, setup.run_dir / "final" / f"sparsity-{key}.onnx", cand)
+    ctx = dense.attack_ctx.for_policy(
+        pol, warm_start=_adversaries(setup, "dense"), save_dir=_adversaries(setup, f"final-{key}")
+    )
+    more = _onnx_evaluator(setup, exported.path, pol, ctx, ex)
+    names = list(reference.results)
+    decision, results = decide(
+        more(names, setup.seeds),
+        more,
+        reference,
+        rule.paired(),
+        Plan.from_section(prof.evaluation),
+        prof.decision_seeds(),
+        blocking=rule.certificate_reasons(cand.certificate),
+        progress=progress,
+    )
+    suite = SuiteResult(
+        results["clean"], {k: v for k, v in results.items() if k != "clean"}, setup.threat
+    )
+    return FinalAttempt(cand, suite, decision, exported)
+
+
+def _attempt_line(a: FinalAttempt) -> str:
+    d = a.decision
+    why = f": {escape('; '.join(d.reasons))}" if d.reasons else ""
+    colour = {"pass": "green", "fail": "red"}.get(d.status, "yellow")
+    return f"[{colour}]{d.status}[/{colour}] after {d.episodes} episodes{why}"
+
+
+def _export(setup: RunSetup, pol: Policy, path: Path, cand: Candidate | None) -> ExportResult:
+    """``pol`` as ONNX at ``path``, with the run's metadata (the candidate's, when given)."""
+    meta = {
+        "eps": str(setup.threat.eps),
+        "eps_space": setup.threat.space,
+        "norm": setup.threat.norm,
+        "source_sha256": setup.loaded.sha256 or "",
+        "profile": setup.profile.name,
+    }
+    if cand is not None:
+        meta |= {
             "budget": str(setup.budget),
-            "sparsity": f"{chosen.sparsity:.6f}",
-            "certificate": json.dumps(certs[setup.threat.norm].to_dict()),
-            "source_sha256": setup.loaded.sha256 or "",
-            "profile": prof.name,
+            "sparsity": f"{cand.sparsity:.6f}",
+            "certificate": json.dumps(cand.certificate.to_dict()),
         }
-        exported = export_onnx(
-            pol,
-            setup.run_dir / "policy.onnx",
-            metadata=meta,
-            opset=setup.target.opset,
-            sparse_storage=setup.target.sparse_storage,
-        )
-    return ChosenPolicy(chosen, suite, final_only, certs, exported)
+    return export_onnx(
+        pol,
+        path,
+        metadata=meta,
+        opset=setup.target.opset,
+        sparse_storage=setup.target.sparse_storage,
+    )
+
+
+def _adopt(setup: RunSetup, attempt: FinalAttempt) -> ChosenPolicy:
+    """The level that passed: certified, and written as ``policy.onnx`` (the very file that was
+    measured) and ``policy.pt``."""
+    cand, pol = attempt.candidate, attempt.candidate.policy
+    assert pol is not None
+    prof = setup.profile
+    certs = certify_all(pol, setup.threat, prof)
+    pol.spec.source = {**setup.dense.spec.source, "compressed_from": setup.loaded.sha256}
+    save_policy(pol, setup.run_dir / "policy.pt")
+    target = setup.run_dir / "policy.onnx"
+    atomic.write_bytes(target, attempt.export.path.read_bytes())
+    exported = dataclasses.replace(attempt.export, path=target)
+    return ChosenPolicy(cand, attempt.suite, attempt.suite, certs, exported, attempt.decision)

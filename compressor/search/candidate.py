@@ -1,5 +1,6 @@
 """One candidate of the search: prune to a sparsity, fine-tune with the mask fixed, evaluate on the
-shared seeds under the screening attacks, certify, and apply the budget rule.
+shared seeds under the screening attacks, certify, and decide it against the dense policy
+(paired, sequential: :mod:`compressor.search.sequential`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from compressor.attacks import TRAINED
 from compressor.attacks.base import AttackContext
 from compressor.certify.at_states import certify_states
 from compressor.certify.global_bound import GlobalCertificate, certify_global
 from compressor.core.config import FinetuneConfig, Profile
+from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress, shifted
+from compressor.core.stats import summarize_returns
 from compressor.core.threat import ThreatModel
-from compressor.evaluate import SuiteResult, evaluate, evaluate_suite
+from compressor.evaluate import EvalResult, SuiteResult, evaluate, evaluate_suite
 from compressor.finetune import (
     FinetuneInputs,
     FinetuneStats,
@@ -28,7 +32,18 @@ from compressor.finetune import (
 from compressor.policy.model import Policy
 from compressor.policy.value import ValueNet
 from compressor.prune.schedule import MicroSchedule, prune_and_finetune
+from compressor.rl.noise import ObservationNoise
+from compressor.rl.rollout import Actor
 from compressor.search.budget import Budget
+from compressor.search.sequential import (
+    FAIL,
+    PASS,
+    Decision,
+    Evaluator,
+    Plan,
+    ReferenceSeries,
+    decide,
+)
 
 
 @dataclass
@@ -42,6 +57,8 @@ class Candidate:
     :param reasons: why it fails the budget (empty: it passes). :param wall_s: seconds.
     :param local: local (per-state) certificate vs PGD at the dense policy's visited states.
     :param policy: the candidate policy itself (not serialised).
+    :param decision: the paired sequential decision (None: only the first look's point
+        estimates were checked, as in older journals).
     """
 
     target_sparsity: float
@@ -54,11 +71,19 @@ class Candidate:
     wall_s: float
     local: dict[str, Any] | None = None
     policy: Policy | None = field(default=None, repr=False)
+    decision: Decision | None = None
 
     @property
     def passed(self) -> bool:
         """Whether the candidate meets the budget."""
         return not self.reasons
+
+    @property
+    def status(self) -> str:
+        """``pass``, ``fail`` or ``undecided`` (too close to call within the episode cap)."""
+        if self.decision is not None and not self.passed:
+            return self.decision.status if self.decision.status != PASS else FAIL
+        return PASS if self.passed else FAIL
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], policy: Policy | None = None) -> Candidate:
@@ -74,6 +99,7 @@ class Candidate:
             wall_s=d["wall_s"],
             local=d.get("local_certificate"),
             policy=policy,
+            decision=Decision.from_dict(d["decision"]) if d.get("decision") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,12 +108,14 @@ class Candidate:
             "target_sparsity": self.target_sparsity,
             "sparsity": self.sparsity,
             "passed": self.passed,
+            "status": self.status,
             "reasons": self.reasons,
             "evaluation": self.suite.to_dict(),
             "certificate": self.certificate.to_dict(),
             "finetune": self.finetune.to_dict() if self.finetune else None,
             "params_nonzero": self.params_nonzero,
             "local_certificate": self.local,
+            "decision": self.decision.to_dict() if self.decision else None,
             "wall_s": round(self.wall_s, 3),
         }
 
@@ -100,8 +128,9 @@ class CandidateJob:
         names the environment). :param threat: the threat model. :param rule: the budget rule.
     :param states: the dense policy's visited states (distillation).
     :param cert_states: the fixed sample of them for local certificates.
-    :param seeds: the evaluation episode seeds shared by every candidate.
+    :param seeds: the first look's episode seeds, shared by every candidate.
     :param attack_ctx: the attack context (critic, budgets) of the run.
+    :param noise: the observation noise of every evaluation episode (None: none).
     """
 
     dense: Policy
@@ -112,14 +141,16 @@ class CandidateJob:
     cert_states: np.ndarray
     seeds: list[int]
     attack_ctx: AttackContext
+    noise: ObservationNoise | None = None
 
 
 def build_candidate(
     job: CandidateJob, sparsity: float, progress: Progress = no_progress
 ) -> Candidate:
-    """Prune to ``sparsity``, fine-tune with the mask fixed, evaluate on the shared seeds under
-    the screening attacks, certify, and apply the budget rule (an executor job: its result
-    depends only on ``job`` and ``sparsity``).
+    """Prune to ``sparsity``, fine-tune with the mask fixed, evaluate on the first look's seeds
+    under the screening attacks, certify, and apply the budget rule to the point estimates (an
+    executor job: its result depends only on ``job`` and ``sparsity``). The paired sequential
+    decision follows in :func:`decide_candidate`, where the dense policy's episodes are.
 
     :param progress: told the sub-steps done: pruning and fine-tuning, then each evaluation.
     """
@@ -149,6 +180,7 @@ def build_candidate(
         num_envs=prof.evaluation.num_envs,
         progress=shifted(progress, 1, steps),
         context=job.attack_ctx.for_policy(cand),
+        noise=job.noise,
     )
     cert = certify_global(cand, threat, prof.certificate.tau)
     return Candidate(
@@ -163,6 +195,95 @@ def build_candidate(
         local=certify_at_states(cand, job.cert_states, threat, prof),
         policy=cand,
     )
+
+
+def decide_candidate(
+    job: CandidateJob,
+    cand: Candidate,
+    reference: ReferenceSeries,
+    executor: Executor | None = None,
+    progress: Progress = no_progress,
+) -> Candidate:
+    """The paired sequential decision of a built candidate against the dense policy: more
+    episodes (candidate and dense, the next decision seeds) while a condition's bounds straddle
+    its floor, up to ``[evaluation] max_episodes``.
+
+    :param reference: the dense policy's evaluations on the decision seeds (shared).
+    :param executor: runs the extra evaluations side by side. :param progress: told the looks.
+    """
+    pol = cand.policy
+    assert pol is not None
+    prof = job.prof
+    more = suite_evaluator(
+        pol,
+        prof,
+        job.threat,
+        job.attack_ctx.for_policy(pol),
+        noise=job.noise,
+        executor=executor,
+    )
+    first = {"clean": cand.suite.clean, **cand.suite.attacks}
+    decision, results = decide(
+        first,
+        more,
+        reference,
+        job.rule.paired(),
+        Plan.from_section(prof.evaluation),
+        prof.decision_seeds(),
+        blocking=job.rule.certificate_reasons(cand.certificate),
+        progress=progress,
+    )
+    suite = SuiteResult(
+        results["clean"], {k: v for k, v in results.items() if k != "clean"}, cand.suite.threat
+    )
+    return dataclasses.replace(cand, suite=suite, reasons=list(decision.reasons), decision=decision)
+
+
+#: stands in for a clean evaluation :func:`evaluate_suite` is told not to run
+_NO_CLEAN = EvalResult("clean", summarize_returns(np.zeros(1)), None, 0, 0.0)
+
+
+def suite_evaluator(
+    actor: Actor,
+    prof: Profile,
+    threat: ThreatModel,
+    context: AttackContext,
+    *,
+    noise: ObservationNoise | None = None,
+    surrogate: Policy | None = None,
+    executor: Executor | None = None,
+) -> Evaluator:
+    """Evaluates ``actor`` under named conditions (``clean`` and attacks) on given seeds, with
+    the run's settings: what a sequential decision calls for more episodes.
+
+    Suites with trained attacks run in this process, so the adversaries trained on the first
+    call (``context.trained``) serve every later one instead of being trained again.
+
+    :param actor: the policy, or an onnxruntime model (with ``surrogate``).
+    :param context: the attacks' context for this victim (kept across calls).
+    """
+
+    def run(names: list[str], seeds: list[int]) -> dict[str, EvalResult]:
+        attacks = [n for n in names if n != "clean"]
+        suite = evaluate_suite(
+            actor,
+            prof.env.id,
+            prof.env.kwargs,
+            seeds,
+            attacks,
+            threat,
+            attack_seed=prof.attacks.seed,
+            num_envs=prof.evaluation.num_envs,
+            clean=None if "clean" in names else _NO_CLEAN,
+            executor=None if any(a in TRAINED for a in attacks) else executor,
+            context=context,
+            surrogate=surrogate,
+            noise=noise,
+        )
+        out = {"clean": suite.clean} if "clean" in names else {}
+        return out | suite.attacks
+
+    return run
 
 
 def certify_at_states(

@@ -1,0 +1,51 @@
+"""The report's plots draw what they claim: the frontier's y-axis holds every interval it draws
+(a robust CI far below its floor included), and each regret bar's three segments end at the
+total regret, negative terms included; sparsity ticks read as in the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.patches import Rectangle
+from test_report_frontier import run  # noqa: F401  (the module's report fixture)
+
+from compressor.report.build import load_report
+from compressor.report.plots import frontier_figure, regret_figure
+
+
+def test_frontier_axis_holds_every_interval(run: Path) -> None:  # noqa: F811
+    r = load_report(run)
+    lowest = min(r["budget"]["robust_floor"], *(f["robust_return"] for f in r["frontier"]))
+    f = r["frontier"][-1]
+    f["robust_ci"] = [lowest - 900.0, f["robust_return"] + 5.0]  # far below everything else
+    fig = frontier_figure(r)
+    assert fig is not None
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    drawn = [c for f in r["frontier"] for c in (f["clean_ci"] + (f.get("robust_ci") or []))]
+    assert lo < min(drawn) and hi > max(drawn)
+    ticks = [t.get_text() for t in fig.axes[-1].get_xticklabels() if t.get_text()]
+    assert ticks and all(t.endswith(".0%") for t in ticks)  # as the tables write sparsity
+
+
+def test_regret_bars_sum_to_the_total(run: Path) -> None:  # noqa: F811
+    r = json.loads(json.dumps(load_report(run)))
+    rows = r["derived"]["regret"]["rows"]
+    # a negative pruning loss (fine-tuning gained return) must still end the bar at the total
+    rows[1]["pruning_loss"] = -40.0
+    rows[1]["total"] = rows[1]["clean_regret"] - 40.0 + rows[1]["attack_gap"]
+    fig = regret_figure(r)
+    assert fig is not None
+    bars = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    n = len(rows)
+    assert len(bars) == 3 * n
+    for i, row in enumerate(rows):
+        last = bars[2 * n + i]
+        assert last.get_y() + last.get_height() == pytest.approx(row["total"])
+        for k in (1, 2):  # each segment starts where the one before ended
+            prev, cur = bars[(k - 1) * n + i], bars[k * n + i]
+            assert cur.get_y() == pytest.approx(prev.get_y() + prev.get_height())
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[0] == "dense" and all(x.endswith("%") and "." in x for x in labels[1:])
