@@ -447,11 +447,21 @@ def evaluate_suite(
                 surrogate,
                 max_steps,
                 noise,
+                progress=_episodes(report, i, len(names), n),
             )
     report(len(names), len(names))
     out = SuiteResult(clean=clean or done.pop("clean"), threat=threat)
     out.attacks = {n: done[n] for n in attacks}
     return out
+
+
+def _episodes(report: Progress, i: int, count: int, name: str) -> Progress:
+    """The episodes of the ``i``-th of a suite's ``count`` evaluations, as its ``detail``."""
+
+    def episode(done: int, total: int | None = None, detail: str = "") -> None:
+        report(i, count, f"{name} episode {done}/{total}")
+
+    return episode
 
 
 def _suite_job(
@@ -467,11 +477,22 @@ def _suite_job(
     surrogate: Policy | None = None,
     max_steps: int | None = None,
     noise: ObservationNoise | None = None,
+    progress: Progress | None = None,
 ) -> EvalResult:
-    """One evaluation of a suite, as an executor job (top level, so it pickles)."""
+    """One evaluation of a suite, as an executor job (top level, so it pickles).
+
+    :param progress: told the finished episodes.
+    """
     if name == "clean":
         clean, _ = evaluate(
-            policy, env_id, env_kwargs, seeds, num_envs=num_envs, max_steps=max_steps, noise=noise
+            policy,
+            env_id,
+            env_kwargs,
+            seeds,
+            num_envs=num_envs,
+            max_steps=max_steps,
+            noise=noise,
+            progress=progress,
         )
         return clean
     return evaluate_attack(
@@ -487,6 +508,7 @@ def _suite_job(
         surrogate=surrogate,
         max_steps=max_steps,
         noise=noise,
+        progress=progress,
     )
 
 

@@ -48,7 +48,7 @@ def test_evaluate_json() -> None:
         (["inspect", "/nonexistent/policy.pt"], 3, "not found"),
         (["attack", CARTPOLE, "--eps", "-0.1"], 3, "ε must be positive"),
         (["attack", CARTPOLE, "--attack", "nope"], 3, "unknown attack"),
-        (["run", CARTPOLE, "--budget", "1.5"], 3, "budget"),
+        (["run", CARTPOLE, "--budget", "1.5"], 2, "budget"),  # a usage error
         (["evaluate", CARTPOLE, "--env", "NoSuchEnv-v0"], 3, "NoSuchEnv"),
         (["evaluate", CARTPOLE, "--env", "Hopper-v5"], 3, "observations"),
         (["run", CARTPOLE, "--profile", "nope"], 3, "unknown profile"),

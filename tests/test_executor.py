@@ -1,8 +1,13 @@
-"""Executors: the same numbers whichever runs the jobs; dead workers are retried."""
+"""Executors: the same numbers whichever runs the jobs; dead workers are retried; workers die with
+their parent and stop on Ctrl-C; results and progress come back as jobs finish."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +208,133 @@ def test_run_on_ray_gives_the_serial_report(
     par = _parallel_run(prof, tmp_path, make_executor("ray", workers=2, address="local"))
     assert _report_numbers(par) == _report_numbers(serial)
     assert par["performance"]["executor"] == {"name": "ray", "workers": 2}
+
+
+# ---- faults: workers die with their parent, stop on Ctrl-C, report as they go -----------------
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and _alive(int(d.name)):
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _survivors(pids: list[int], patience_s: float = 60.0) -> list[int]:
+    """Those of ``pids`` still alive once they had ``patience_s`` to exit (a liveness wait,
+    not a timing assertion: a passing run returns as soon as they are gone)."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+_POOL_THEN_WAIT = """
+import os, sys, time
+sys.path[:0] = {path!r}
+from compressor.core.executor import LocalExecutor
+ex = LocalExecutor(2)
+ex.map(os.getpid, [(), (), (), ()])  # start both workers (and the resource tracker)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@needs_proc
+def test_workers_die_with_their_parent() -> None:
+    # the OOM killer's SIGKILL gives the parent no chance to clean up: before, both idle
+    # workers and multiprocessing's resource tracker were re-parented to PID 1 and slept on
+    code = _POOL_THEN_WAIT.format(path=sys.path)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        kids = _children(parent.pid)
+        assert len(kids) >= 2  # two workers (and the resource tracker)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _survivors(kids) == [], "processes outlived their SIGKILLed parent"
+
+
+def _mark_and_sleep(marker: str, seconds: float) -> int:
+    """A job that says it started (its worker's pid in ``marker``), then runs ``seconds``."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+_INTERRUPTED_MAP = """
+import sys
+sys.path[:0] = {path!r}
+from compressor.core.executor import LocalExecutor
+from test_executor import _mark_and_sleep
+ex = LocalExecutor(2)
+try:
+    ex.map(_mark_and_sleep, [({a!r}, 600), ({b!r}, 600)])
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+@needs_proc
+def test_ctrl_c_stops_the_running_jobs(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    code = _INTERRUPTED_MAP.format(path=sys.path, a=str(a), b=str(b))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even under nohup
+    )
+    deadline = time.monotonic() + 120
+    while not (a.is_file() and b.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(a.read_text()), int(b.read_text())]
+    os.kill(parent.pid, signal.SIGINT)  # the main process only: it must stop the workers
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130 and out.strip() == "interrupted", err
+    assert _survivors(workers) == [], "a job kept running after Ctrl-C"
+
+
+def _count_up(n: int, progress: Any) -> int:
+    """A job that reports each of its ``n`` steps."""
+    for k in range(n):
+        progress(k, n, f"step {k + 1}/{n}")
+    return 10 * n
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: LocalExecutor(2), SerialExecutor], ids=["local", "serial"]
+)
+def test_results_and_progress_come_back_as_jobs_finish(make: Any) -> None:
+    ex = make()
+    results: dict[int, int] = {}
+    seen: dict[int, list[tuple[int, int | None, str]]] = {0: [], 1: []}
+    try:
+        out = ex.map(
+            _count_up,
+            [(3,), (2,)],
+            on_result=results.__setitem__,
+            on_progress=lambda i, done, total, detail: seen[i].append((done, total, detail)),
+        )
+    finally:
+        ex.close()
+    assert out == [30, 20] and results == {0: 30, 1: 20}
+    assert seen[0] == [(0, 3, "step 1/3"), (1, 3, "step 2/3"), (2, 3, "step 3/3")]
+    assert seen[1] == [(0, 2, "step 1/2"), (1, 2, "step 2/2")]

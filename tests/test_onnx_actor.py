@@ -97,9 +97,15 @@ def pendulum(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"policy": policy, "fp32": fp32, "int8": q.path, "dequantized": q.dequantized}
 
 
-def _assert_returns(got: dict, known: dict) -> None:
+# onnxruntime's int8 kernels differ between CPUs (VNNI dot products, AVX2's saturating u8×s8
+# pairs), so an int8 graph's actions move in the 6th digit from one machine to the next; fp32
+# graphs are reproduced to the last digits.
+INT8_REL = 1e-4
+
+
+def _assert_returns(got: dict, known: dict, rel: float = 1e-12) -> None:
     for name, returns in known.items():
-        assert got[name].stats.returns == pytest.approx(returns, rel=1e-12, abs=1e-9), name
+        assert got[name].stats.returns == pytest.approx(returns, rel=rel, abs=1e-9), name
 
 
 @pytest.mark.parametrize("case", list(KNOWN))
@@ -122,7 +128,7 @@ def test_onnx_suite_matches_known_numbers(case: str, pendulum: dict) -> None:
         max_steps=40,
     )
     got = {"clean": suite.clean, **suite.attacks}
-    _assert_returns(got, KNOWN[case])
+    _assert_returns(got, KNOWN[case], rel=1e-12 if case == "fp32" else INT8_REL)
     for res in got.values():
         assert res.mean_tv is None  # the graph has no action distribution
         assert res.steps == 40 * len(SEEDS)
@@ -180,10 +186,12 @@ def test_quantize_policy_matches_the_former_cli_numbers(mode: str, tmp_path: Pat
     cert = report.result.certificate
     assert cert["lipschitz"] == pytest.approx(known["lipschitz"], rel=1e-12)
     assert cert["additive"] == pytest.approx(known["additive"], rel=1e-12)
-    assert report.result.parity_max_abs_err == pytest.approx(known["parity"], rel=1e-6)
+    assert report.result.parity_max_abs_err == pytest.approx(
+        known["parity"], rel=1e-2
+    )  # int8 kernels vary by CPU
     assert report.result.file_bytes == known["file_bytes"]
     q, f = report.evaluation["quantized"], report.evaluation["fp32"]
-    _assert_returns({"clean": q.clean, **q.attacks}, known["quantized"])
+    _assert_returns({"clean": q.clean, **q.attacks}, known["quantized"], rel=INT8_REL)
     _assert_returns({"clean": f.clean, **f.attacks}, FP32_FLOW)
     if mode == "qdq":
         assert report.result.settings["calibration_observations"] == 400  # 2 episodes × 200

@@ -53,18 +53,25 @@ VOLATILE = {
     "training",
     "file",
 }
+#: the exported file's bytes record float32 weights and metadata, whose last bits differ
+#: between CPUs (below); their returns and certificates are compared instead
+MACHINE_BYTES = {"onnx_sha256", "file_bytes", "onnx_vs_source_bytes"}
+#: float32 kernels (matmul, reductions) round differently on different CPUs (AVX2, AVX-512,
+#: AMD and Intel): ~1e-7 relative. A change of behaviour moves these numbers far more.
+REL_TOL = 1e-5
 
 
 def _stable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE}
+        drop = VOLATILE | MACHINE_BYTES | ({"sha256"} if "file_bytes" in obj else set())
+        return {k: _stable(v) for k, v in obj.items() if k not in drop}
     if isinstance(obj, list):
         return [_stable(v) for v in obj]
     return obj
 
 
 def _differences(a: Any, b: Any, where: str = "") -> list[str]:
-    """Every place where ``a`` and ``b`` differ (numbers to 1e-9 relative)."""
+    """Every place where ``a`` and ``b`` differ (numbers to ``REL_TOL`` relative)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{where}.{k}: only in one" for k in sorted(set(a) ^ set(b))]
         for k in sorted(set(a) & set(b)):
@@ -78,7 +85,9 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
         ]
     numeric = (int, float)
     if isinstance(a, numeric) and isinstance(b, numeric) and not isinstance(a, bool):
-        same = math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))
+        same = math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-9) or (
+            math.isnan(a) and math.isnan(b)
+        )
         return [] if same else [f"{where}: {a!r} vs {b!r}"]
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
@@ -107,6 +116,6 @@ def test_report_numbers_equal_the_stored_report(tmp_path: Path) -> None:
     report = _stable(json.loads(r.stdout))
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    stored = json.loads(GOLDEN.read_text())
+    stored = _stable(json.loads(GOLDEN.read_text()))
     diffs = _differences(stored, report)
     assert not diffs, "report.json differs from tests/data/:\n" + "\n".join(diffs[:40])

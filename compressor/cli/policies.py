@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -13,19 +14,22 @@ from compressor.cli.common import (
     PANEL_POLICIES,
     EnvOpt,
     JsonOpt,
+    SrcArg,
     app,
     command_line,
     emit,
     note,
     out,
+    reporter,
     setup_torch,
+    source,
 )
 from compressor.core.errors import CompressorError
 
 
 @app.command(rich_help_panel=PANEL_POLICIES)
 def inspect(
-    src: Annotated[str, typer.Argument(help="Policy file.")],
+    src: SrcArg,
     env: EnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -36,13 +40,54 @@ def inspect(
     d = describe(load(src, env_id=env, note=note))
     t = Table("field", "value", show_header=False)
     for k, v in d.items():
-        t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+        if k != "warnings":  # already printed as notes
+            _field_rows(t, k, v)
     emit(d, as_json, t)
+
+
+#: a list of more values than this is shown by its first few and its length
+LIST_SHOWN = 8
+
+
+def _text(key: str, value: Any) -> str:
+    """One value as a person reads it: ``–`` for none, a command line as typed, lists joined."""
+    if value is None or value == []:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        if key == "command" and all(isinstance(v, str) for v in value):
+            return shlex.join(value)
+        shown = ", ".join(str(v) for v in value[:LIST_SHOWN])
+        return shown if len(value) <= LIST_SHOWN else f"{shown}, … ({len(value)} values)"
+    return str(value)
+
+
+def _field_rows(t: Table, key: str, value: Any, depth: int = 0) -> None:
+    """``key``'s row, a nested dict's keys as indented rows under it (a list of dicts too)."""
+    label = "  " * depth + key
+    if isinstance(value, dict) and value:
+        t.add_row(label, "")
+        for k, v in value.items():
+            _field_rows(t, str(k), v, depth + 1)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        t.add_row(label, "")
+        for i, v in enumerate(value, 1):
+            _field_rows(t, f"{key} {i}", v, depth + 1)
+    else:
+        t.add_row(label, _text(key, value))
 
 
 @app.command(name="import", rich_help_panel=PANEL_POLICIES)
 def import_(
-    src: Annotated[str, typer.Argument(help="SB3 zip, CleanRL model, or state dict + spec.")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            metavar="SRC",
+            help="SB3 zip, CleanRL model, or state dict + spec.",
+            callback=source,
+        ),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
     vecnormalize: Annotated[str | None, typer.Option(help="vecnormalize.pkl / stats file.")] = None,
     env: EnvOpt = None,
@@ -58,7 +103,9 @@ def import_(
 
 @app.command(rich_help_panel=PANEL_POLICIES)
 def train(
-    env_id: Annotated[str, typer.Argument(help="Gymnasium env id, e.g. Hopper-v5.")],
+    env_id: Annotated[
+        str, typer.Argument(metavar="ENV_ID", help="Gymnasium env id, e.g. Hopper-v5.")
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
     steps: Annotated[int, typer.Option(help="Total env steps.")] = 1_000_000,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 1,
@@ -83,7 +130,6 @@ def train(
 ) -> None:
     """Train a dense reference policy with PPO (Gaussian or categorical, by action space)."""
     from compressor.api import train_policy
-    from compressor.core.progress import Reporter
     from compressor.rl.ppo import PPOConfig
 
     setup_torch()
@@ -115,7 +161,7 @@ def train(
         norm_reward=norm_reward,
         eval_episodes=eval_episodes,
     )
-    with Reporter().stage("train", total=steps) as progress:
+    with reporter().stage("train", total=steps) as progress:
         rep = train_policy(cfg, output, command=command_line(), progress=progress)
     last = cfg.eval_seed + eval_episodes - 1
     out.print(

@@ -7,41 +7,38 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from compressor.cli.checks import check_path
 from compressor.cli.common import (
     PANEL_MAIN,
     AddressOpt,
+    BudgetOpt,
     ExecutorOpt,
     JsonOpt,
     ProfileOpt,
+    SourcesArg,
+    TargetOpt,
     WorkersOpt,
     app,
     command_line,
     emit,
     err,
     out,
+    reporter,
 )
 from compressor.core.errors import EXIT_BUDGET_NOT_MET, CompressorError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 @app.command(rich_help_panel=PANEL_MAIN)
 def run(
-    sources: Annotated[
-        list[str],
-        typer.Argument(
-            help="Policy file(s) (.pt, SB3 .zip, CleanRL), profile name(s), or folder(s) of "
-            "policies: several make a batch, one run directory each and a summary table.",
-            show_default=False,
-        ),
-    ],
-    budget: Annotated[
-        float, typer.Option(help="Fraction of the return scale that may be lost.")
-    ] = 0.05,
+    sources: SourcesArg,
+    budget: BudgetOpt = 0.05,
     profile: ProfileOpt = None,
-    target: Annotated[str, typer.Option(help="Deployment target name or TOML file.")] = "cpu-x86",
+    target: TargetOpt = "cpu-x86",
     out_dir: Annotated[Path, typer.Option("--out", help="Folder that receives the run.")] = Path(
         "runs"
     ),
@@ -66,11 +63,14 @@ def run(
     address: AddressOpt = "local",
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure, prune, fine-tune, certify and export: the whole compression job."""
+    """Measure, prune, fine-tune, certify and export: the whole compression job.
+
+    Running the same command again resumes an interrupted run from its journal (Ctrl-C, a kill,
+    a full disk); a second run into the same run directory at the same time is refused.
+    """
     from compressor.api import compress, resolve_source
     from compressor.core.config import load_target
     from compressor.core.executor import default_workers, make_executor
-    from compressor.core.progress import Reporter
     from compressor.run.batch import BatchRow, expand_sources, run_batch
 
     if not sources:
@@ -93,12 +93,12 @@ def run(
     )
     try:
         if single:
-            result = compress(sources[0], name=name, reporter=Reporter(), **options)
+            result = compress(sources[0], name=name, reporter=reporter(), **options)
         else:
 
             def batch_one(path: Path, run_name: str) -> tuple[dict[str, Any], Path]:
                 err.print(f"[bold]── {path} → {out_dir / run_name}[/bold]")
-                res = compress(path, name=run_name, reporter=Reporter(), **options)
+                res = compress(path, name=run_name, reporter=reporter(), **options)
                 return res.report, res.run_dir
 
             def show(row: BatchRow) -> None:
@@ -106,6 +106,10 @@ def run(
                     err.print(f"[red]error[/red] {escape(f'{row.source}: {row.error}')}")
 
             rows = run_batch(paths, out_dir, batch_one, on_row=show)
+    except KeyboardInterrupt as exc:  # Typer would exit 130 in silence: say what was kept
+        ex.close()
+        err.print(escape(str(exc) or "interrupted"), highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         ex.close()
     if not single:
@@ -134,7 +138,9 @@ def _show_run(r: dict[str, Any], run_dir: Path, as_json: bool) -> None:
     if warn:
         out.print(f"[yellow]{escape(warn)}[/yellow]", highlight=False)
     out.print(f"run directory: {run_dir}")
-    out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s")
+    runs = (r.get("performance") or {}).get("invocations") or []
+    over = f" over {len(runs)} invocations (resumed)" if len(runs) > 1 else ""
+    out.print(f"total time: {r['timings_s'].get('total', 0):.1f} s{over}")
 
 
 def _batch_summary(rows: list[Any], out_dir: Path, as_json: bool) -> None:
@@ -161,20 +167,31 @@ def _batch_summary(rows: list[Any], out_dir: Path, as_json: bool) -> None:
             num(r.onnx_bytes, "d"),
             num(r.wall_s),
         )
-    wide = Console(width=max(out.width, 150)) if not out.is_terminal else out
-    wide.print(t)
+    out.print(t)
     for r in rows:
         if r.status == "error":
-            wide.print(f"[red]error[/red] {r.run_name}: {escape(r.error or '')}", highlight=False)
+            out.print(f"[red]error[/red] {r.run_name}: {escape(r.error or '')}", highlight=False)
+
+
+def _run_dir(path: Path) -> Path:
+    """A run directory given as itself or as its ``report.json``."""
+    if path.is_file() and path.name == "report.json":
+        return path.parent
+    if not path.exists():
+        check_path(path, "run directory")
+    return path
 
 
 @app.command(rich_help_panel=PANEL_MAIN)
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory holding report.json.")],
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Run directory (or its report.json).")
+    ],
 ) -> None:
     """Re-render report.md, report.html and plots/ from a run's report.json (no recomputation)."""
     from compressor.report.build import rerender, validate
 
+    run_dir = _run_dir(run_dir)
     r = rerender(run_dir)
     for problem in validate(r):
         err.print(f"[yellow]schema:[/yellow] {escape(problem)}", highlight=False)
@@ -184,13 +201,18 @@ def report(
 
 @app.command(rich_help_panel=PANEL_MAIN)
 def compare(
-    run_a: Annotated[Path, typer.Argument(help="First run directory.")],
-    run_b: Annotated[Path, typer.Argument(help="Second run directory.")],
+    run_a: Annotated[
+        Path, typer.Argument(metavar="RUN_A", help="First run directory (or its report.json).")
+    ],
+    run_b: Annotated[
+        Path, typer.Argument(metavar="RUN_B", help="Second run directory (or its report.json).")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Two runs side by side: verdict, returns, certificates, sizes (delta = B − A)."""
     from compressor.report.compare import compare_runs, fmt
 
+    run_a, run_b = _run_dir(run_a), _run_dir(run_b)
     data = compare_runs(run_a, run_b)
     t = Table("metric", str(run_a), str(run_b), "B − A")
     for row in data["rows"]:

@@ -19,10 +19,12 @@ from compressor.cli.common import (
     NormOpt,
     ProfileOpt,
     SpaceOpt,
+    SrcArg,
     WorkersOpt,
     app,
     emit,
     note,
+    reporter,
     setup_torch,
 )
 
@@ -34,7 +36,7 @@ SeedOpt = Annotated[int | None, typer.Option(help="First episode seed (default: 
 
 @app.command(rich_help_panel=PANEL_STAGES)
 def evaluate(
-    src: Annotated[str, typer.Argument(help="Policy file.")],
+    src: SrcArg,
     episodes: EpisodesOpt = None,
     seed: SeedOpt = None,
     profile: ProfileOpt = None,
@@ -56,7 +58,7 @@ def evaluate(
 
 @app.command(rich_help_panel=PANEL_STAGES)
 def attack(
-    src: Annotated[str, typer.Argument(help="Policy file.")],
+    src: SrcArg,
     attack_name: Annotated[
         str, typer.Option("--attack", help="Attack name, comma-separated names, or 'all'.")
     ] = "all",
@@ -93,12 +95,11 @@ def attack(
     """
     from compressor.api import attack_policy
     from compressor.core.executor import default_workers, make_executor
-    from compressor.core.progress import Reporter
 
     setup_torch()
     ex = make_executor(executor, default_workers() if workers is None else workers, address)
     try:
-        with Reporter().stage("attacks") as progress:
+        with reporter().stage("attacks") as progress:
             rep = attack_policy(
                 src,
                 attacks=attack_name,
@@ -135,7 +136,7 @@ def attack(
 
 @app.command(rich_help_panel=PANEL_STAGES)
 def certify(
-    src: Annotated[str, typer.Argument(help="Policy file.")],
+    src: SrcArg,
     eps: EpsOpt = None,
     norm: NormOpt = None,
     space: SpaceOpt = None,
@@ -200,7 +201,7 @@ def _local_rows(t: Table, method: str, sc: dict[str, Any]) -> None:
 
 @app.command(rich_help_panel=PANEL_STAGES)
 def prune(
-    src: Annotated[str, typer.Argument(help="Policy file.")],
+    src: SrcArg,
     sparsity: Annotated[float, typer.Option(help="Fraction of weights to remove, in [0, 1).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output native .pt file.")],
     method: Annotated[

@@ -159,7 +159,14 @@ def model_cost(path: str | Path) -> dict[str, Any]:
     except CompressorError:
         raise
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise CompressorError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        why = (
+            "file not found"
+            if isinstance(exc, FileNotFoundError)
+            else "a folder, not an .onnx file"
+            if isinstance(exc, IsADirectoryError)
+            else "the file is not an ONNX graph"
+        )
+        raise CompressorError(f"{path}: not a readable ONNX model ({why})") from None
     return {
         "params": graph.params,
         "params_nonzero": int(

@@ -37,14 +37,18 @@ def performance_block(
     env_steps: Mapping[str, int],
     executor: Executor,
     extra: Mapping[str, Any] | None = None,
+    sources: Mapping[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """The ``performance`` block of a report.
 
     :param timings: seconds per stage, with ``total`` for the whole run.
     :param env_steps: evaluation env steps per stage (stages that simulate).
     :param executor: the run's executor (name, workers, worker memory).
-    :param extra: further fields (e.g. attack-training steps).
+    :param extra: further fields (e.g. attack-training steps, a resumed run's invocations).
+    :param sources: for a resumed run, the invocations (1, 2, ...) each stage's time comes
+        from (see :mod:`compressor.run.timings`); shown per stage when there were several.
     """
+    several = sources is not None and any(n != 1 for ns in sources.values() for n in ns)
     total = float(timings.get("total", sum(v for k, v in timings.items() if k != "total")))
     stages = []
     for name, secs in timings.items():
@@ -58,6 +62,8 @@ def performance_block(
         if env_steps.get(name):
             row["env_steps"] = int(env_steps[name])
             row["env_steps_per_s"] = round(env_steps[name] / secs, 1) if secs > 0 else None
+        if several and sources is not None:
+            row["invocations"] = list(sources.get(name, []))
         stages.append(row)
     main = peak_rss_mb()
     worker = executor.peak_worker_rss_mb

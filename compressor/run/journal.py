@@ -6,19 +6,21 @@ disk, and a line cut short by a kill is ignored. With several workers the journa
 levels a wider search round finished but the search did not visit; they are reused, if needed,
 on resume, and never reported. A run directory belongs to one configuration:
 re-running the same command resumes it, a changed configuration is refused, never mixed in.
+A line is appended whole or not at all (a full disk cuts nothing in half: see
+:func:`compressor.core.atomic.append_line`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from compressor.core import atomic
 from compressor.core.errors import CompressorError
 from compressor.policy.native import load_native, save_policy
+from compressor.run.lock import LOCK_FILE
 from compressor.search.candidate import Candidate
 
 CONFIG_FILE = "config.json"
@@ -60,7 +62,7 @@ def open_run_dir(root: Path, name: str, config: dict[str, Any]) -> tuple[Path, b
                 "pass --name for a new run or remove the folder"
             )
         return run_dir, True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise CompressorError(f"{run_dir} exists and is not a run directory; pick another --name")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(cfg_path, {"digest": config_digest(config), "config": config})
@@ -81,9 +83,9 @@ class Journal:
         self.path = run_dir / JOURNAL_FILE
         self.policies = run_dir / "candidates"
 
-    def load(self) -> dict[str, Candidate]:
-        """Candidates already finished, by target sparsity key, with their policies."""
-        done: dict[str, Candidate] = {}
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        """The journal's whole lines whose policy is on disk, by target sparsity key."""
+        done: dict[str, dict[str, Any]] = {}
         if not self.path.is_file():
             return done
         for line in self.path.read_text().splitlines():
@@ -92,20 +94,31 @@ class Journal:
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill: that candidate is simply redone
             key = _key(entry["target_sparsity"])
-            pol_path = self.policies / f"sparsity-{key}.pt"
-            if pol_path.is_file():
-                done[key] = Candidate.from_dict(entry, load_native(pol_path).eval())
+            if (self.policies / f"sparsity-{key}.pt").is_file():
+                done[key] = entry
         return done
 
+    def load(self) -> dict[str, Candidate]:
+        """Candidates already finished, by target sparsity key, with their policies."""
+        policy = self.policies
+        return {
+            key: Candidate.from_dict(entry, load_native(policy / f"sparsity-{key}.pt").eval())
+            for key, entry in self._entries().items()
+        }
+
+    def count(self) -> int:
+        """How many finished candidates the journal holds (nothing is loaded)."""
+        return len(self._entries())
+
     def record(self, cand: Candidate) -> None:
-        """Save the candidate's policy, then append its line (flushed to disk)."""
+        """Save the candidate's policy, then append its line (fsynced, whole or not at all).
+
+        :raises compressor.core.atomic.WriteError: the storage refused either write.
+        """
         key = _key(cand.target_sparsity)
         if cand.policy is not None:
             save_policy(cand.policy, self.policies / f"sparsity-{key}.pt")
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(cand.to_dict()) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        atomic.append_line(self.path, json.dumps(cand.to_dict()))
 
     @staticmethod
     def key(sparsity: float) -> str:

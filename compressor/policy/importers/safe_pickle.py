@@ -155,18 +155,85 @@ def referenced_globals(data: bytes) -> list[tuple[str, str]]:
     return list(dict.fromkeys(found))
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that admits only :data:`SAFE_GLOBALS` and inert records.
+class _Memo(dict):  # type: ignore[type-arg]
+    """The unpickler's memo, also noting under which keys each numpy dtype was stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtype_keys: dict[int, list[Any]] = {}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if isinstance(value, np.dtype):
+            self.dtype_keys.setdefault(id(value), []).append(key)
+
+
+def _dtype_from_state(base: np.dtype, state: Any, origin: str) -> np.dtype:
+    """A new dtype: ``base`` with a pickled ``__setstate__`` state applied to a fresh copy.
+
+    numpy's ``dtype.__setstate__`` trusts the state: its ``flags`` can mark float64 as holding
+    object references (numpy then fails, unraisably, to free every array of it: "get_clear_loop
+    not set for the DType 'float64'"), and applied to a dtype that arrays already use, its
+    ``elsize`` makes them read past their buffers. So a state is applied to a copy only, and
+    refused unless the result has the flags and size numpy gives the type it describes.
+    """
+    make, args = cast(tuple[Any, ...], base.__reduce__())[:2]  # (np.dtype, (str, False, True))
+    new = make(*args)  # a fresh descriptor that no array uses
+    new.__setstate__(state)
+    try:
+        if new.names is not None:
+            ref = np.dtype(new.descr, align=new.isalignedstruct)
+        elif new.subdtype is not None:
+            ref = np.dtype(new.subdtype)
+        else:
+            ref = np.dtype(new.str)
+        consistent = new.flags == ref.flags and new.itemsize == ref.itemsize
+    except (TypeError, ValueError):
+        consistent = False
+    if not consistent:
+        raise CompressorError(
+            f"{origin}: refused a numpy dtype whose pickled state does not match its type "
+            "(corrupt or crafted file; nothing was executed)"
+        )
+    return new
+
+
+# The pure-Python unpickler (pickle._Unpickler, private but stable; joblib subclasses it too):
+# only it lets BUILD be overridden, which numpy dtypes need (see _dtype_from_state). Pickles read
+# here are a few KiB, so its speed does not matter.
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that admits only :data:`SAFE_GLOBALS` and inert records, and builds numpy
+    dtypes from their pickled state without mutating one in place.
 
     :param file: binary stream with the pickle.
     :param origin: file name used in error messages.
     :param refused: globals found refused by an opcode scan, listed in the error message.
     """
 
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: io.BufferedIOBase, origin: str, refused: list[str]) -> None:
         super().__init__(file)
         self.origin = origin
         self.refused = refused
+        self.memo: _Memo = _Memo()
+
+    def load_build(self) -> None:
+        """BUILD: a dtype's state gives a new, checked dtype in the old one's stack slot and
+        memo entries (anything already made with the old one keeps it, unchanged)."""
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        inst = stack[-2] if len(stack) >= 2 else None
+        if not isinstance(inst, np.dtype):
+            super().load_build()  # type: ignore[misc]
+            return
+        state = stack.pop()
+        new = _dtype_from_state(inst, state, self.origin)
+        stack[-1] = new
+        for key in self.memo.dtype_keys.pop(id(inst), []):
+            if self.memo.get(key) is inst:
+                self.memo[key] = new
+
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 0-2 pickles spell Python 3 names the Python 2 way (__builtin__.set); map them
