@@ -31,10 +31,10 @@ from compressor.cli.common import (
 )
 
 
-def _load(src: str) -> Any:
+def _load(src: str, env: str | None = None) -> Any:
     from compressor.api import load
 
-    return load(src, note=note)
+    return load(src, env_id=env, note=note)
 
 
 @app.command(rich_help_panel=PANEL_STAGES)
@@ -49,6 +49,7 @@ def export(
             help="Store sparse weights as bitmask + values (default: the target's setting).",
         ),
     ] = None,
+    env: EnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export one ONNX graph (normalise, clip, MLP, deterministic action, action clip)."""
@@ -57,7 +58,7 @@ def export(
     from compressor.core.config import load_target
     from compressor.deploy.export import export_onnx
 
-    loaded = _load(src)
+    loaded = _load(src, env)
     tgt = load_target(target)
     res = export_onnx(
         loaded.policy.eval(),
@@ -95,13 +96,14 @@ def bench(
             help="Run without a provider the target names but onnxruntime lacks (recorded).",
         ),
     ] = False,
+    env: EnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency percentiles at batch 1 and the target's batch, providers used, params, FLOPs."""
     from compressor.deploy.bench import bench_model
 
     check_path(model, "ONNX model", ".onnx")
-    pol = _load(policy).policy.eval() if policy else None
+    pol = _load(policy, env).policy.eval() if policy else None
     res = bench_model(model, target, pol, warmup=warmup, iters=iters, allow_fallback=allow_fallback)
     if res.fallback:
         err.print(f"[yellow]fallback:[/yellow] {escape(str(res.fallback))}")

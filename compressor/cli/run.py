@@ -15,6 +15,7 @@ from compressor.cli.common import (
     PANEL_MAIN,
     AddressOpt,
     BudgetOpt,
+    EnvOpt,
     ExecutorOpt,
     JsonOpt,
     ProfileOpt,
@@ -58,6 +59,7 @@ def run(
             "(the best mean of clean and robust score); default: the profile's search.choose.",
         ),
     ] = None,
+    env: EnvOpt = None,
     executor: ExecutorOpt = "local",
     workers: WorkersOpt = None,
     address: AddressOpt = "local",
@@ -90,6 +92,7 @@ def run(
         prune_method=prune_method,
         executor=ex,
         choose=choose,
+        env=env,
     )
     try:
         if single:

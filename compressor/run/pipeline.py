@@ -64,6 +64,7 @@ def run_pipeline(
     prune_method: str | None = None,
     executor: Executor | None = None,
     choose: str | None = None,
+    env: str | None = None,
 ) -> RunResult:
     """Compress ``src`` within ``budget`` and write the run directory.
 
@@ -84,6 +85,7 @@ def run_pipeline(
         (default: in this process); the numbers do not depend on it. The caller closes it.
     :param choose: which passing level to deploy, ``max-sparsity`` or ``sweet-spot``
         (default: the profile's ``[search] choose``).
+    :param env: the environment, over the one the file records (an SB3 zip records none).
     :raises CompressorError: bad input; another run holds the directory.
     :raises WriteError: the storage refused a write (the message says how to resume).
     :raises RunInterrupted: Ctrl-C (the message says how to resume).
@@ -99,6 +101,7 @@ def run_pipeline(
         "name": name,
         "command": command or [],
         "prune_method": prune_method,
+        "env": env,
         "reporter": rep,
     }
     try:

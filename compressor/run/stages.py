@@ -63,6 +63,7 @@ def set_up(
     command: list[str],
     prune_method: str | None,
     reporter: Reporter,
+    env: str | None = None,
 ) -> RunSetup:
     """Load the policy, resolve its settings, check it fits its environment, and open the run
     directory (resuming the same configuration, refusing another)."""
@@ -71,7 +72,7 @@ def set_up(
     if prune_method is not None and prune_method not in PRUNE_METHODS:
         methods = ", ".join(PRUNE_METHODS)
         raise CompressorError(f"--prune-method {prune_method!r} is not one of {methods}")
-    loaded = load_policy(src)
+    loaded = load_policy(src, env_id=env)
     for w in loaded.warnings:
         reporter.note(f"warning: {w}")
     loaded.policy.eval()
