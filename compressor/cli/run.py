@@ -30,6 +30,7 @@ from compressor.cli.common import (
     reporter,
 )
 from compressor.core.errors import EXIT_BUDGET_NOT_MET, CompressorError
+from compressor.core.naming import CERT_NAME
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
@@ -119,7 +120,7 @@ def run(
         _batch_summary(rows, out_dir, as_json)
         if any(r.status == "error" for r in rows):
             raise typer.Exit(3)
-        if any(r.status == "fail" for r in rows):
+        if any(r.status in ("fail", "undecided") for r in rows):
             raise typer.Exit(EXIT_BUDGET_NOT_MET)
         return
     _show_run(result.report, result.run_dir, as_json)
@@ -156,7 +157,7 @@ def _batch_summary(rows: list[Any], out_dir: Path, as_json: bool) -> None:
     def num(x: float | None, spec: str = ".1f") -> str:
         return "–" if x is None else format(x, spec)
 
-    columns = ("policy", "env", "result", "sparsity", "clean", "robust", "Lipschitz", "ONNX B")
+    columns = ("policy", "env", "result", "sparsity", "clean", "robust", CERT_NAME, "ONNX B")
     t = Table(*columns, "time s", title=f"batch summary (dense → chosen; {out_dir / SUMMARY_FILE})")
     for r in rows:
         t.add_row(

@@ -27,7 +27,8 @@ class BatchRow:
     """One policy's outcome in a batch.
 
     :param source: the policy file. :param run_name: its run directory's name.
-    :param status: ``pass``, ``fail`` (budget not met) or ``error``.
+    :param status: ``pass``, ``fail`` (budget not met), ``undecided`` (too close to call
+        within the episodes allowed) or ``error``.
     :param error: the one-line error (status ``error``).
     """
 
@@ -88,11 +89,12 @@ def row_from_report(source: Path, name: str, report: dict[str, Any], run_dir: Pa
     """The summary row of a finished run."""
     dense, chosen = report["dense"], report.get("chosen") or {}
     norm = report["threat"]["norm"]
-    passed = bool(report["verdict"]["passed"])
+    verdict = report["verdict"]
+    status = verdict.get("status") or ("pass" if verdict["passed"] else "fail")
     return BatchRow(
         source=str(source),
         run_name=name,
-        status="pass" if passed else "fail",
+        status=status,
         env_id=report["source"].get("env_id"),
         run_dir=str(run_dir),
         chosen_sparsity=report["verdict"].get("chosen_sparsity"),
