@@ -82,44 +82,57 @@ def _chord(name: str, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return a, _act(name, lo) - a * lo
 
 
-def _tanh_upper(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """A line above tanh on ``[lo, hi]``.
+def _tanh_tangent(d: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """The tangent of tanh at ``d`` (``t = tanh d``): slope and intercept."""
+    a = 1.0 - t * t
+    return a, t - a * d
+
+
+def _tanh_upper(lo: Tensor, hi: Tensor, t_lo: Tensor, t_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """A line above tanh on ``[lo, hi]`` (``t_lo, t_hi``: tanh at the ends).
 
     tanh is convex below 0 and concave above. Concave interval: tangent at the midpoint. Convex
     interval: the chord. Mixed: the chord when it stays above the curve, else the line through
     ``(lo, tanh lo)`` tangent at some ``d ≥ 0``: ``g(x) - tanh(x)`` is concave on ``[lo, 0]``
     with ``g(lo) ≥ tanh(lo)`` and ``g(0) ≥ 0``, and ≥ 0 on the concave side, so the line is sound.
     """
-    t_lo = torch.tanh(lo)
-    a_m, b_m = _tangent("tanh", 0.5 * (lo + hi))
-    a, b = _chord("tanh", lo, hi)
+    mid = 0.5 * (lo + hi)
+    a_m, b_m = _tanh_tangent(mid, torch.tanh(mid))
+    a = (t_hi - t_lo) / (hi - lo).clamp_min(_TINY)
+    b = t_lo - a * lo
     a, b = torch.where(lo >= 0, a_m, a), torch.where(lo >= 0, b_m, b)
     # the tangent at d ≥ 0, evaluated at lo, rises with d; when it already passes above
     # (lo, tanh lo) at d = hi, the touching point is inside [0, hi] and the chord dips below
     # the curve near hi
-    a_h, b_h = _tangent("tanh", hi)
+    a_h, b_h = _tanh_tangent(hi, t_hi)
     bent = (lo < 0) & (hi > 0) & (a_h * lo + b_h - t_lo > 0)
     if bent.any():
-        # bisection only where needed (few neurons straddle 0 at small ε); 30 halvings leave
-        # hi·1e-9 of slack, and keeping the `right` end (line above (lo, tanh lo)) keeps it sound
-        lo_b, t_lo_b = lo[bent], t_lo[bent]
-        left, right = torch.zeros_like(lo_b), hi[bent]
-        for _ in range(30):
-            mid = 0.5 * (left + right)
-            a_mid, b_mid = _tangent("tanh", mid)
-            above = a_mid * lo_b + b_mid - t_lo_b >= 0
-            right, left = torch.where(above, mid, right), torch.where(above, left, mid)
-        a_d, b_d = _tangent("tanh", right)
         a, b = a.clone(), b.clone()
-        a[bent], b[bent] = a_d, b_d
+        a[bent], b[bent] = _touching_tangent(lo[bent], hi[bent], t_lo[bent])
     return a, b
+
+
+def _touching_tangent(lo: Tensor, hi: Tensor, t_lo: Tensor) -> tuple[Tensor, Tensor]:
+    """The tangent at ``d ∈ [0, hi]`` whose line passes above ``(lo, tanh lo)``, ``lo < 0``.
+
+    Bisection only where needed (few neurons straddle 0 at small ε); 30 halvings leave hi·1e-9
+    of slack, and keeping the ``right`` end (line above ``(lo, tanh lo)``) keeps it sound.
+    """
+    left, right = torch.zeros_like(lo), hi
+    for _ in range(30):
+        mid = 0.5 * (left + right)
+        a_mid, b_mid = _tanh_tangent(mid, torch.tanh(mid))
+        above = a_mid * lo + b_mid - t_lo >= 0
+        right, left = torch.where(above, mid, right), torch.where(above, left, mid)
+    return _tanh_tangent(right, torch.tanh(right))
 
 
 def _relax(name: str, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Lines ``al·x + bl ≤ σ(x) ≤ au·x + bu`` on ``[lo, hi]`` (elementwise)."""
     if name == "tanh":
-        au, bu = _tanh_upper(lo, hi)
-        a_neg, b_neg = _tanh_upper(-hi, -lo)
+        t_lo, t_hi = torch.tanh(lo), torch.tanh(hi)
+        au, bu = _tanh_upper(lo, hi, t_lo, t_hi)
+        a_neg, b_neg = _tanh_upper(-hi, -lo, -t_hi, -t_lo)  # tanh is odd
         al, bl = a_neg, -b_neg  # tanh is odd: mirror the upper line of [-hi, -lo]
     else:
         # ReLU and ELU are convex: chord above, tangent below (the midpoint tangent of ReLU is
