@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -240,3 +241,42 @@ def test_bad_input_is_a_compressor_error():
         certify_global(policy, ThreatModel(0.1), tau=0.0)
     with pytest.raises(CompressorError):
         empirical_tv(policy, np.zeros((3, 5)), ThreatModel(0.1))
+
+
+def _state_sigma_policy(seed: int, scale: float) -> Policy:
+    """A SAC-like head: σ from its own layer, actions in [-scale, scale]."""
+    base = make_policy("squashed_gaussian", (8, 8), "relu", 4, 2, True, seed=seed)
+    spec = dataclasses.replace(
+        base.spec,
+        state_dependent_std=True,
+        action_low=[-scale] * 2,
+        action_high=[scale] * 2,
+    )
+    p = Policy(spec)
+    p.load_state_dict(base.state_dict(), strict=False)
+    return p.eval()
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_state_dependent_sigma_certifies_the_head_output(norm: str) -> None:
+    """SAC/TQC have no Σ shared by all states: no global TV, and the bound is on the head's
+    output (pre-squash), which PGD and sampling never exceed."""
+    policy = _state_sigma_policy(3, 1.0)
+    threat = ThreatModel(0.1, norm)
+    cert = certify_global(policy, threat)
+    assert cert.tv_bound is None and cert.certified_radius is None
+    assert cert.to_dict()["shift_name"] == "action_deviation_l2"
+    x0 = random_states(policy, 32, 3, 1.0)
+    g, scale = torch.Generator().manual_seed(0), threat.scale(policy)
+    with torch.no_grad():
+        clean, worst = policy(x0), 0.0
+        for _ in range(16):
+            x = x0 + sample_ball(tuple(x0.shape), threat.eps, threat.norm, g) * scale
+            worst = max(worst, float((policy(x) - clean).norm(dim=-1).max()))
+    assert 0.0 < worst <= cert.shift_bound * (1 + 1e-4) + 1e-6
+
+
+def test_q_greedy_certificate_is_named_for_q_values() -> None:
+    policy = make_policy("q_greedy", (8,), "relu", 4, 3, True)
+    d = certify_global(policy, ThreatModel(0.1)).to_dict()
+    assert d["shift_name"] == "q_value_change_l2" and d["tv_bound"] is None

@@ -248,7 +248,10 @@ def test_compress_report_rerenders_identical_files(runs: dict[str, Path], tmp_pa
     for n in names:
         assert (run / n).read_bytes() == before[n], n
     bad = compress("report", str(tmp_path / "nothing"))
-    assert bad.returncode == 3 and "report.json" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 3 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "empty").mkdir()
+    bad = compress("report", str(tmp_path / "empty"))
+    assert bad.returncode == 3 and "no report.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_compress_compare_puts_two_runs_side_by_side(runs: dict[str, Path]) -> None:

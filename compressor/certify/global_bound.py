@@ -73,6 +73,22 @@ def shift_for_tv(head: str, tau: float) -> float | None:
     return float(4.0 * math.atanh(tau))
 
 
+def has_global_sigma(policy: Policy) -> bool:
+    """Whether the head is a Gaussian whose σ is one parameter for every state (PPO's, A2C's).
+
+    SAC's and TQC's σ comes from a layer of its own (state-dependent): there is no Σ shared by
+    all states, so no global TV; their certificate bounds the head output's change, as for
+    deterministic heads (tanh-rescale is Lipschitz, so it also bounds the deployed action).
+    """
+    return policy.spec.head in GAUSSIAN_HEADS and policy.std_kind == "parameter"
+
+
+def certified_head(policy: Policy) -> str:
+    """The head whose formulas the certificate uses (``deterministic`` for state σ)."""
+    head = policy.spec.head
+    return "deterministic" if head in GAUSSIAN_HEADS and not has_global_sigma(policy) else head
+
+
 # ---- the matrices the bounds are built from ---------------------------------------------------
 def input_scale(policy: Policy, threat: ThreatModel) -> torch.Tensor:
     """Diagonal ``N``: network-input (normalised) change per unit of ε, per dimension (float64).
@@ -96,8 +112,9 @@ def abs_product(policy: Policy) -> torch.Tensor:
 
 
 def output_scale(policy: Policy) -> torch.Tensor:
-    """Diagonal ``D``: ``1/σ`` for Gaussian heads (Mahalanobis), ones otherwise (float64)."""
-    if policy.spec.head in GAUSSIAN_HEADS:
+    """Diagonal ``D``: ``1/σ`` for Gaussian heads with a state-independent σ (Mahalanobis), ones
+    otherwise (float64)."""
+    if has_global_sigma(policy):
         return torch.exp(-policy.log_std.detach().to(torch.float64))
     return torch.ones(policy.spec.act_dim, dtype=torch.float64)
 
@@ -184,9 +201,14 @@ class GlobalCertificate:
     @property
     def shift_name(self) -> str:
         """What ``lipschitz`` measures, for reports."""
-        if self.head in GAUSSIAN_HEADS:
+        if self.head == "categorical":
+            return "logit_oscillation"
+        if self.head == "q_greedy":
+            return "q_value_change_l2"
+        # a Gaussian head without a TV is one with a state-dependent σ (see has_global_sigma)
+        if self.head in GAUSSIAN_HEADS and self.tv_bound is not None:
             return "mahalanobis_shift"
-        return "logit_oscillation" if self.head == "categorical" else "action_deviation_l2"
+        return "action_deviation_l2"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GlobalCertificate:
@@ -235,13 +257,13 @@ def certify_global(
     """
     if not 0.0 < tau <= 1.0:
         raise CompressorError(f"τ must be in (0, 1], got {tau}")
-    head = policy.spec.head
+    head, formulas = policy.spec.head, certified_head(policy)
     q = abs_product(policy) * input_scale(policy, threat)[None, :]
-    lip = float(shift_per_unit_eps(head, q, output_scale(policy), threat.norm))
+    lip = float(shift_per_unit_eps(formulas, q, output_scale(policy), threat.norm))
     per_out = q.sum(-1) if threat.norm == "inf" else torch.linalg.vector_norm(q, dim=-1)
     shift = lip * threat.eps
-    tv = tv_from_shift(head, shift)
-    star = shift_for_tv(head, tau)
+    tv = tv_from_shift(formulas, shift)
+    star = shift_for_tv(formulas, tau)
     if star is None:
         radius = None
     elif lip == 0.0 or math.isinf(star):

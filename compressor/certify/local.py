@@ -34,6 +34,7 @@ from compressor.certify.global_bound import (
     DEFAULT_TAU,
     GAUSSIAN_HEADS,
     abs_product,
+    certified_head,
     input_scale,
     output_scale,
     pair_bounds,
@@ -477,7 +478,7 @@ def certify_local(
     if not 0.0 < tau <= 1.0:
         raise CompressorError(f"τ must be in (0, 1], got {tau}")
     t0 = time.perf_counter()
-    head, eps, norm = policy.spec.head, threat.eps, threat.norm
+    head, eps, norm = certified_head(policy), threat.eps, threat.norm
     x = as_states(policy, states)
     dt = torch.float64
     weights, biases = _network(policy, dt)
@@ -503,7 +504,7 @@ def certify_local(
     shift_all = torch.cat(shifts).numpy() if shifts else np.zeros(0)
     tv = tv_from_shift(head, shift_all)
     return LocalCertificate(
-        head=head,
+        head=policy.spec.head,
         norm=norm,
         space=threat.space,
         eps=eps,

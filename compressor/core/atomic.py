@@ -61,6 +61,21 @@ def storage_error(path: str | Path, exc: BaseException) -> WriteError | None:
     return None
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files :func:`atomic_path` left under ``folder`` when its process was
+    killed mid-write (SIGKILL, power loss: nothing can clean up then). Call it only while no
+    other process writes there (under the run lock).
+
+    :returns: how many were removed.
+    """
+    n = 0
+    for tmp in folder.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.

@@ -12,6 +12,7 @@ _UNITS = {
     "mahalanobis_shift": "Mahalanobis shift per unit ε",
     "logit_oscillation": "logit change per unit ε",
     "action_deviation_l2": "ℓ2 action change per unit ε",
+    "q_value_change_l2": "ℓ2 Q-value change per unit ε",
 }
 
 _PRUNING = {

@@ -219,7 +219,9 @@ def certificate(r: dict[str, Any]) -> bytes | None:
     dense, c = r["dense"], r.get("chosen")
     dcert = dense["certificates"][norm]
     x = [100.0 * dense["sparsity"], *_pct(pts)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6))
+    has_tv = dcert.get("tv_bound") is not None  # no TV: deterministic, argmax, state-σ heads
+    fig, axes = plt.subplots(1, 2 if has_tv else 1, figsize=(13 if has_tv else 6.5, 4.6))
+    ax1 = axes[0] if has_tv else axes
     lip = [dcert["lipschitz"], *(p["lipschitz"] for p in pts)]
     ax1.plot(x, lip, "-o", color=CERT, lw=2.2, ms=6, label=f"{CERT_NAME} (global)")
     ax1.axhline(dcert["lipschitz"], color=GREY, ls="--", lw=1.3, label="dense = budget ceiling")
@@ -234,6 +236,17 @@ def certificate(r: dict[str, Any]) -> bytes | None:
     ax1.set_xlabel("sparsity (% of weights pruned)")
     ax1.set_ylabel(f"{CERT_NAME} (log, lower = tighter)")
     ax1.legend(frameon=False)
+    if has_tv:
+        _tv_panel(axes[1], r, pts, x)
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _tv_panel(ax2: Any, r: dict[str, Any], pts: list[dict[str, Any]], x: list[float]) -> None:
+    """Local certified vs empirical TV and the global bound's TV, vs sparsity."""
+    dense, c = r["dense"], r.get("chosen")
+    dcert = dense["certificates"][r["threat"]["norm"]]
     local = [p.get("local_tv_median") for p in pts]
     emp = [p.get("empirical_tv_median") for p in pts]
     dl = dense.get("local_certificate") or {}
@@ -269,12 +282,9 @@ def certificate(r: dict[str, Any]) -> bytes | None:
     ax2.set_ylim(0, 1.05)
     ax2.set_title(f"TV distance at ε = {r['threat']['eps']}, median state")
     ax2.set_xlabel("sparsity (% of weights pruned)")
-    for a in (ax1, ax2):
-        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sparsity_tick))
     ax2.set_ylabel("TV(π(s), π(ŝ))")
     ax2.legend(frameon=False)
-    fig.tight_layout()
-    return _png(fig)
 
 
 def attacks(r: dict[str, Any]) -> bytes | None:

@@ -262,11 +262,12 @@ def dense_vs_chosen(r: dict[str, Any]) -> dict[str, Any]:
                 sci(cc and cc["certified_radius"]) if c else "—",
             ],
         ]
-    rows += _local_rows(d.get("local_certificate"), (c or {}).get("local_certificate"))
+    unit = cert_unit(d["certificates"][r["threat"]["norm"]].get("shift_name"))
+    rows += _local_rows(d.get("local_certificate"), (c or {}).get("local_certificate"), unit)
     return table(["", dense_head, "deployed (policy.onnx)" if c else "deployed"], rows)
 
 
-def _local_rows(dl: dict[str, Any] | None, cl: dict[str, Any] | None) -> list[list[str]]:
+def _local_rows(dl: dict[str, Any] | None, cl: dict[str, Any] | None, unit: str) -> list[list[str]]:
     if not dl:
         return []
     loc, emp = dl["local"], dl["empirical"]
@@ -274,6 +275,8 @@ def _local_rows(dl: dict[str, Any] | None, cl: dict[str, Any] | None) -> list[li
     def lc(f: Any) -> list[str]:
         return [f(dl), f(cl) if cl else "—"]
 
+    if "tv_median" not in loc:  # no action distribution to take a TV of
+        return _local_shift_rows(dl, lc, unit)
     rows = [
         [
             f"certified TV at ε (local, {loc['method']}), median / p95 over "
@@ -302,6 +305,30 @@ def _local_rows(dl: dict[str, Any] | None, cl: dict[str, Any] | None) -> list[li
             *lc(lambda x: f"{num(x['ratio_tv_median'], 2)}; {num(x['ratio_shift_median'], 2)}"),
         ],
     ]
+
+
+def _local_shift_rows(dl: dict[str, Any], lc: Any, unit: str) -> list[list[str]]:
+    """The local certificate's rows for heads without a TV (deterministic, argmax, state σ)."""
+    loc = dl["local"]
+    rows = [
+        [
+            f"certified change at ε (local, {loc['method']}), median / p95 over "
+            f"{loc['n_states']:,} states ({unit.replace(' per unit ε', '')})",
+            *lc(
+                lambda x: (
+                    f"{num(x['local']['shift_median'], 4)} / {num(x['local']['shift_p95'], 4)}"
+                )
+            ),
+        ]
+    ]
+    if "frac_argmax_certified" in loc:
+        rows.append(
+            [
+                "states whose action provably cannot change",
+                *lc(lambda x: pct(x["local"].get("frac_argmax_certified"))),
+            ]
+        )
+    return rows
 
 
 def attack_runs(r: dict[str, Any]) -> dict[str, Any] | None:

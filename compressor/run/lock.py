@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from compressor.core.atomic import storage_error
+from compressor.core.atomic import remove_stale_temporaries, storage_error
 from compressor.core.errors import CompressorError
 
 try:
@@ -85,6 +85,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     except OSError as exc:
         raise storage_error(run_dir, exc) or exc from None
     fd = _acquire(run_dir)
+    remove_stale_temporaries(run_dir)  # a killed writer's; none can be in use under the lock
     try:
         yield
     finally:

@@ -29,6 +29,7 @@ import numpy as np
 from compressor.certify.global_bound import (
     DEFAULT_TAU,
     GAUSSIAN_HEADS,
+    certified_head,
     certify_global,
     output_scale,
     shift_for_tv,
@@ -64,8 +65,9 @@ def certify_quantized(
     c, details = rounding_slack(graph, policy)
     additive = _additive_shift(policy, c)
     shift = weights.lipschitz * threat.eps + additive
-    tv = tv_from_shift(policy.spec.head, shift)
-    radius = _radius(shift_for_tv(policy.spec.head, tau), additive, weights.lipschitz)
+    formulas = certified_head(policy)
+    tv = tv_from_shift(formulas, shift)
+    radius = _radius(shift_for_tv(formulas, tau), additive, weights.lipschitz)
     out: dict[str, Any] = {
         "covers": "the quantised graph as written: dequantised weights and activation rounding",
         "head": policy.spec.head,
@@ -90,7 +92,7 @@ def certify_quantized(
 
 def _additive_shift(policy: Policy, c: np.ndarray) -> float:
     """The head's shift measure of the per-output rounding bound ``c``."""
-    head = policy.spec.head
+    head = certified_head(policy)
     if head in GAUSSIAN_HEADS:
         d = output_scale(policy).numpy()
         return float(np.linalg.norm(d * c))
