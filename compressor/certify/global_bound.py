@@ -96,8 +96,18 @@ def abs_product(policy: Policy) -> torch.Tensor:
 
 
 def output_scale(policy: Policy) -> torch.Tensor:
-    """Diagonal ``D``: ``1/σ`` for Gaussian heads (Mahalanobis), ones otherwise (float64)."""
+    """Diagonal ``D``: ``1/σ`` for Gaussian heads (Mahalanobis), ones otherwise (float64).
+
+    A state-dependent σ (SAC's ``log_std_layer``) is only known to lie in
+    ``spec.log_std_bounds``: ``D`` is then its largest value ``exp(-low)`` (sound, and usually
+    vacuous for the TV; the deployed-action certificate does not use σ). Without bounds it is
+    unbounded: ``inf``.
+    """
     if policy.spec.head in GAUSSIAN_HEADS:
+        if policy.std_kind == "state":
+            bounds = policy.spec.log_std_bounds
+            big = math.inf if bounds is None else math.exp(-float(bounds[0]))
+            return torch.full((policy.spec.act_dim,), big, dtype=torch.float64)
         return torch.exp(-policy.log_std.detach().to(torch.float64))
     return torch.ones(policy.spec.act_dim, dtype=torch.float64)
 
