@@ -21,7 +21,7 @@ from compressor.certify.deployed import (
 from compressor.certify.global_bound import output_scale
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel, sample_ball
-from compressor.policy.model import Policy, PolicySpec
+from compressor.policy.model import Policy
 from conftest import make_policy
 
 VARIANTS = [
