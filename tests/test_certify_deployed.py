@@ -169,3 +169,21 @@ def test_output_scale_with_state_dependent_sigma():
     policy = variant_policy("squashed_gaussian_state_std", (8,), "tanh", True, 0)
     d = output_scale(policy)
     assert d.shape == (3,) and torch.all(d >= np.exp(20) * (1 - 1e-12))
+
+
+def test_certify_policy_leads_with_the_deployed_block():
+    from compressor.api import certify_policy
+
+    rep = certify_policy("profiles/cartpole.pt", profile="cartpole", states=40)
+    d = rep.to_dict()
+    keys = [k for k in d if k != "env_id"]
+    assert keys[:2] == ["deployed_crown", "deployed_ibp"]
+    dep = d["deployed_crown"]
+    assert dep["action_map"] == "argmax" and dep["n_states"] == 40 and dep["sound"] is True
+    # argmax heads, IBP (monotone in ε): a state certified at ε has a radius ≥ ε (one step)
+    cert = rep.deployed["ibp"]
+    assert cert.argmax_certified is not None
+    step = cert.radius_cap / 2**14
+    assert (cert.radius[cert.argmax_certified] >= cert.eps - step).all()
+    assert not (cert.radius[~cert.argmax_certified] >= cert.eps).any()
+    assert d["global"]["scope"] == "worst case over all states"
