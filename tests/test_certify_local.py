@@ -77,6 +77,18 @@ def perturbed_outputs(policy, x0, threat, k=8):
     eps=st.sampled_from([0.01, 0.1, 0.5]),
     spread=st.sampled_from([1.0, 30.0]),
 )
+@example(  # float32 outputs of size ~100 (no clip, spread 30): formerly flaky on ulps
+    seed=1829,
+    depth=2,
+    width=8,
+    activation="relu",
+    head="squashed_gaussian",
+    obs_norm=False,
+    space="normalized",
+    norm="inf",
+    eps=0.01,
+    spread=30.0,
+)
 def test_local_bounds_are_sound_and_below_global(
     seed, depth, width, activation, head, obs_norm, space, norm, eps, spread
 ):
@@ -99,7 +111,8 @@ def test_local_bounds_are_sound_and_below_global(
         assert (found <= cert.shift_bound * (1 + TOL_REL) + TOL_ABS + ulps).all()
         assert (cert.shift_bound <= glob.shift_bound * (1 + 1e-12)).all()
         if cert.tv_bound is not None:
-            assert (emp.tv <= cert.tv_bound + TOL_ABS).all()
+            # TV is 1-Lipschitz in the shift for every head here, so the same float32 slack
+            assert (emp.tv <= cert.tv_bound + TOL_ABS + ulps).all()
         # pure CROWN too: intersecting with IBP must not be what hides a wrong relaxation
         for intersect in (True, False):
             lo, hi = output_bounds(policy, x0, threat, method, intersect=intersect)
