@@ -22,6 +22,7 @@ import numpy as np
 
 from compressor.attacks import ATTACKS, NEEDS_CRITIC, AttackBudget, AttackContext
 from compressor.certify.at_states import certify_states
+from compressor.certify.deployed import DeployedCertificate, certify_deployed
 from compressor.certify.global_bound import GlobalCertificate, certify_global
 from compressor.core.config import list_shipped, load_profile, profile_policy_path
 from compressor.core.errors import CompressorError
@@ -234,11 +235,13 @@ def attack_policy(
 
 @dataclass(frozen=True)
 class CertifyReport:
-    """``compress certify``: the global bound and, at visited states, local bounds.
+    """``compress certify``: the deployed action's certificate at visited states (first), the
+    global bound (the worst case over all states) and the local TV bounds.
 
     :param env_id: the environment. :param threat: the threat model. :param tau: TV threshold.
     :param certificate: the global certificate. :param local: per local method (``crown``,
         ``ibp``) the bounds at the visited states vs PGD (empty when no states were asked for).
+    :param deployed: per method the deployed-action certificate at the same states.
     """
 
     env_id: str
@@ -246,10 +249,13 @@ class CertifyReport:
     tau: float
     certificate: GlobalCertificate
     local: dict[str, dict[str, Any]]
+    deployed: dict[str, DeployedCertificate] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        out: dict[str, Any] = {"env_id": self.env_id, "global": self.certificate.to_dict()}
+        """JSON-ready dict (the deployed-action block first)."""
+        out: dict[str, Any] = {"env_id": self.env_id}
+        out.update({f"deployed_{m}": v.to_dict() for m, v in self.deployed.items()})
+        out["global"] = self.certificate.to_dict() | {"scope": "worst case over all states"}
         out.update({f"local_{m}": v for m, v in self.local.items()})
         return out
 
@@ -265,6 +271,8 @@ def certify_policy(
     profile: str | None = None,
     env_id: str | None = None,
     note: Note | None = None,
+    tolerance: float | None = None,
+    tolerance_units: str | None = None,
 ) -> CertifyReport:
     """Certified robustness: the global absolute-product bound and, with ``states`` > 0, local
     CROWN and IBP bounds at that many visited states with PGD's lower bound beside them.
@@ -273,6 +281,9 @@ def certify_policy(
     :param tau: TV threshold of the certified radius. :param states: visited states (0: none).
     :param profile: profile name or file. :param env_id: the environment.
     :param note: receives notes for the user.
+    :param tolerance: the deployed action's tolerance δ (default: the profile's
+        ``certificate.deployed_tolerance``, else 0.05). :param tolerance_units: ``range``
+        (fraction of the action range) or ``action`` (action units).
     """
     loaded = load(src, env_id=env_id, note=note)
     pol = loaded.policy
@@ -282,18 +293,31 @@ def certify_policy(
     threat = settings.threat
     cert = certify_global(pol, threat, tau)
     local: dict[str, dict[str, Any]] = {}
+    deployed: dict[str, DeployedCertificate] = {}
     if states > 0:
         n_eps = max(1, min(20, states // 200))
         seeds = list(range(20_000, 20_000 + n_eps))
         _, roll = evaluate(pol, settings.env_id, settings.env_kwargs, seeds, record_states=True)
         assert roll.states is not None
         pick = roll.states[np.random.default_rng(0).permutation(len(roll.states))[:states]]
+        sec = settings.profile.certificate
+        tol = sec.deployed_tolerance if tolerance is None else tolerance
+        units = tolerance_units or sec.deployed_tolerance_units
         for method in ("crown", "ibp"):
             empirical = min(states, 200) if method == "crown" else 0
+            deployed[method] = certify_deployed(
+                pol,
+                pick,
+                threat,
+                method=method,
+                tolerance=tol,
+                tolerance_units=units,
+                empirical_states=empirical,
+            )
             local[method] = certify_states(
                 pol, pick, threat, tau=tau, method=method, empirical_states=empirical
             )
-    return CertifyReport(settings.env_id, threat, tau, cert, local)
+    return CertifyReport(settings.env_id, threat, tau, cert, local, deployed)
 
 
 @dataclass(frozen=True)
@@ -335,6 +359,9 @@ def prune_policy(
     :param scope: ``global`` or ``layer``. :param finetune: fine-tune after pruning.
     :param profile: profile name or file. :param env_id: the environment.
     :param note: receives notes for the user.
+    :param tolerance: the deployed action's tolerance δ (default: the profile's
+        ``certificate.deployed_tolerance``, else 0.05). :param tolerance_units: ``range``
+        (fraction of the action range) or ``action`` (action units).
     """
     loaded = load(src, env_id=env_id, note=note)
     dense = loaded.policy

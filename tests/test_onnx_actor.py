@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from compressor.certify.deployed import empirical_deviation
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
 from compressor.deploy.export import export_onnx, load_onnx_session, onnx_act
@@ -63,7 +64,7 @@ KNOWN_FLOW = {
         "lipschitz": 7.835679019129733,
         "additive": 0.06630788500051445,
         "parity": 0.0046895891427993774,
-        "file_bytes": 5852,
+        "file_bytes": 5982,
         "quantized": {
             "clean": [-1826.8096560267338, -1877.2498065946359],
             "random": [-1827.3525426022281, -1877.3517942276346],
@@ -74,7 +75,7 @@ KNOWN_FLOW = {
         "lipschitz": 7.835679019129733,
         "additive": 0.05930813541796364,
         "parity": 0.09626945853233337,
-        "file_bytes": 5837,
+        "file_bytes": 5968,
         "quantized": {
             "clean": [-1826.921811395867, -1877.186645023141],
             "random": [-1827.3572992834063, -1877.180482696531],
@@ -186,6 +187,18 @@ def test_quantize_policy_matches_the_former_cli_numbers(mode: str, tmp_path: Pat
     cert = report.result.certificate
     assert cert["lipschitz"] == pytest.approx(known["lipschitz"], rel=1e-12)
     assert cert["additive"] == pytest.approx(known["additive"], rel=1e-12)
+    # the deployed action of the quantised graph: bounded per dimension, never beyond its range,
+    # and at least what PGD moves the dequantised policy's action
+    dep = cert["deployed_action"]
+    pol = _policy()
+    span = (pol.action_high - pol.action_low).numpy()
+    assert len(dep["per_dim"]) == pol.spec.act_dim
+    assert all(0.0 <= v <= s + 1e-12 for v, s in zip(dep["per_dim"], span))
+    states = pol.obs_mean + torch.randn(
+        16, pol.spec.obs_dim, generator=torch.Generator().manual_seed(0)
+    )
+    emp = empirical_deviation(pol, states, THREAT, steps=20)
+    assert (emp.max(0) <= np.asarray(dep["per_dim"]) + 1e-6).all()
     assert report.result.parity_max_abs_err == pytest.approx(
         known["parity"], rel=1e-2
     )  # int8 kernels vary by CPU

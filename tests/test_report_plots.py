@@ -49,3 +49,48 @@ def test_regret_bars_sum_to_the_total(run: Path) -> None:  # noqa: F811
             assert cur.get_y() == pytest.approx(prev.get_y() + prev.get_height())
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels[0] == "dense" and all(x.endswith("%") and "." in x for x in labels[1:])
+
+
+def test_deployed_certificate_bars_are_the_certified_fractions(run: Path) -> None:  # noqa: F811
+    import torch
+
+    from compressor.certify.deployed import certify_deployed
+    from compressor.core.threat import ThreatModel
+    from compressor.report.plots import deployed_certificate_figure
+    from conftest import make_policy
+
+    r = json.loads(json.dumps(load_report(run)))
+    policy = make_policy("gaussian", (8,), "tanh", 4, 2, True, seed=1)
+    states = torch.randn(20, 4)
+    block = certify_deployed(policy, states, ThreatModel(0.1), empirical_states=5).to_dict()
+    r["dense"]["local_certificate"] = {"deployed": block}
+    r["chosen"]["local_certificate"] = {"deployed": block}
+    fig = deployed_certificate_figure(r)
+    assert fig is not None
+    heights = sorted(p.get_height() for p in fig.axes[0].patches if isinstance(p, Rectangle))
+    want = sorted(
+        2 * (block["deviation_frac_range"]["median"] + block["deviation_frac_range"]["p95"])
+    )
+    assert heights == pytest.approx(want)
+    assert "fraction of the action range" in fig.axes[0].get_ylabel()
+
+
+def test_deployed_certificate_tile(run: Path) -> None:  # noqa: F811
+    import torch
+
+    from compressor.certify.deployed import certify_deployed
+    from compressor.core.threat import ThreatModel
+    from compressor.report.headline import cards
+    from conftest import make_policy
+
+    r = json.loads(json.dumps(load_report(run)))
+    assert not any(t[0].startswith("deployed action") for t in cards(r))  # no block, no tile
+    policy = make_policy("categorical", (8,), "tanh", 4, 2, True, seed=1)
+    states = policy.obs_mean + torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    dep = certify_deployed(policy, states, ThreatModel(0.05), empirical_states=5).to_dict()
+    r["dense"]["local_certificate"] = {"deployed": dep}
+    r["chosen"]["local_certificate"] = {"deployed": dep}
+    tiles = {t[0]: t for t in cards(r)}
+    tile = tiles["deployed action certified at ε (argmax fixed)"]
+    assert tile[1] == f"{100 * dep['frac_certified_at_eps']:.1f}%"
+    assert dep["sound"] is True

@@ -43,7 +43,7 @@ from compressor.certify.global_bound import (
 )
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
-from compressor.policy.model import Policy
+from compressor.policy.model import DISCRETE_HEADS, Policy
 
 METHODS = ("crown", "ibp")
 Tensor = torch.Tensor
@@ -157,21 +157,30 @@ class _InputSet:
     hi: Tensor
     center: Tensor  # (B, n0) clean network input
     radius: Tensor  # (n0,) N: input change per unit δ
-    eps: float
+    eps: float | Tensor  # the radius, or (B, 1) one per state
     norm: str
 
 
-def _input_set(policy: Policy, x: Tensor, threat: ThreatModel, dtype: torch.dtype) -> _InputSet:
+def _input_set(
+    policy: Policy,
+    x: Tensor,
+    threat: ThreatModel,
+    dtype: torch.dtype,
+    eps: Tensor | None = None,
+) -> _InputSet:
+    """The input set of the ball around each row of ``x``; ``eps`` (B,) overrides
+    ``threat.eps`` with one radius per state (the certified-radius bisection)."""
     x = x.to(dtype)
+    r: float | Tensor = threat.eps if eps is None else eps.to(dtype)[:, None]
     zu = x
     if policy.spec.obs_norm:
         zu = (x - policy.obs_mean.to(dtype)) / policy.obs_scale().detach().to(dtype)
     n = input_scale(policy, threat).to(dtype)
-    lo, hi, c = zu - threat.eps * n, zu + threat.eps * n, zu
+    lo, hi, c = zu - r * n, zu + r * n, zu
     clip = policy.spec.obs_clip
     if clip is not None:
         lo, hi, c = lo.clamp(-clip, clip), hi.clamp(-clip, clip), c.clamp(-clip, clip)
-    return _InputSet(lo, hi, c, n, threat.eps, threat.norm)
+    return _InputSet(lo, hi, c, n, r, threat.norm)
 
 
 def _dot(lam: Tensor, v: Tensor) -> Tensor:
@@ -313,7 +322,7 @@ def _bound_chunk(
         mid, rad = 0.5 * (a_lo + a_hi) @ w_out.T + b_out, 0.5 * (a_hi - a_lo) @ w_out.abs().T
         out_lo, out_hi = mid - rad, mid + rad
     pair_hi = None
-    if policy.spec.head == "categorical":
+    if policy.spec.head in DISCRETE_HEADS:
         pair_hi = out_hi[:, :, None] - out_lo[:, None, :]
     if method == "crown":
         if n_layers > 1:
@@ -379,6 +388,64 @@ def output_bounds(
         los.append(b.out_lo)
         his.append(b.out_hi)
     return torch.cat(los), torch.cat(his)
+
+
+@dataclass(frozen=True)
+class BallBounds:
+    """Head-output bounds over the ball around each state (float64).
+
+    :param clean: (N, K) head output at the clean state.
+    :param lower: (N, K) lower bounds over the ball. :param upper: (N, K) upper bounds.
+    :param pair_upper: (N, K, K) upper bounds on ``z_i - z_j`` over the ball (argmax heads).
+    """
+
+    clean: Tensor
+    lower: Tensor
+    upper: Tensor
+    pair_upper: Tensor | None
+
+
+def ball_bounds(
+    policy: Policy,
+    states: np.ndarray | Tensor,
+    threat: ThreatModel,
+    method: str = "crown",
+    eps: np.ndarray | Tensor | None = None,
+    chunk_size: int = 1024,
+) -> BallBounds:
+    """:func:`output_bounds` with the clean output and, for argmax heads, the pairwise bounds.
+
+    :param eps: (N,) one radius per state instead of ``threat.eps`` (same units and norm).
+    """
+    _check_method(method)
+    x = as_states(policy, states)
+    per = None if eps is None else torch.as_tensor(np.asarray(eps), dtype=torch.float64)
+    if per is not None and per.shape != (len(x),):
+        raise CompressorError(f"eps must have shape ({len(x)},), got {tuple(per.shape)}")
+    weights, biases = _network(policy, torch.float64)
+    size = _chunk_size(weights, chunk_size)
+    parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+    for start in range(0, len(x), size):
+        chunk_eps = None if per is None else per[start : start + size]
+        inp = _input_set(policy, x[start : start + size], threat, torch.float64, chunk_eps)
+        b = _bound_chunk(policy, weights, biases, inp, method, intersect=True)
+        clean = inp.center
+        for j, (w, bias) in enumerate(zip(weights, biases)):
+            clean = clean @ w.T + bias
+            if j < len(weights) - 1:
+                clean = _act(policy.spec.activation, clean)
+        parts.append((clean, b.out_lo, b.out_hi, b.pair_hi))
+    k = policy.spec.act_dim if policy.spec.head not in DISCRETE_HEADS else weights[-1].shape[0]
+    if not parts:
+        empty = torch.zeros(0, k, dtype=torch.float64)
+        return BallBounds(empty, empty, empty, None)
+    pairs = [p[3] for p in parts]
+    return BallBounds(
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]),
+        None if pairs[0] is None else torch.cat([p for p in pairs if p is not None]),
+    )
 
 
 def _check_method(method: str) -> None:

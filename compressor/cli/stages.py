@@ -142,13 +142,26 @@ def certify(
     space: SpaceOpt = None,
     tau: Annotated[float, typer.Option(help="TV threshold of the certified radius.")] = 0.1,
     states: Annotated[
-        int, typer.Option(help="Visited states for the empirical (PGD) TV; 0: none.")
+        int,
+        typer.Option(
+            help="Visited states for the deployed-action and local certificates and PGD; 0: none."
+        ),
     ] = 0,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Deployed action's tolerance δ (default: the profile's, 0.05 of the range)."
+        ),
+    ] = None,
+    tolerance_units: Annotated[
+        str | None, typer.Option(help="δ's units: 'range' (fraction) or 'action'.")
+    ] = None,
     profile: ProfileOpt = None,
     env: EnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Certified robustness: the global absolute-product bound (and PGD's empirical TV)."""
+    """Certified robustness: the deployed action at visited states (with --states), the global
+    absolute-product bound (worst case over all states), and the TV bounds."""
     from compressor.api import certify_policy
 
     setup_torch()
@@ -162,21 +175,81 @@ def certify(
         profile=profile,
         env_id=env,
         note=note,
+        tolerance=tolerance,
+        tolerance_units=tolerance_units,
     )
     cert, threat = rep.certificate, rep.threat
     t = Table("quantity", "value")
     t.add_row(
         "threat", f"ℓ{'∞' if threat.norm == 'inf' else '2'}, ε = {threat.eps} ({threat.space})"
     )
-    t.add_row(f"certified {cert.shift_name} per unit ε", f"{cert.lipschitz:.4g}")
-    t.add_row("certified shift at ε", f"{cert.shift_bound:.4g}")
-    t.add_row("certified TV at ε", "n/a" if cert.tv_bound is None else f"{cert.tv_bound:.4f}")
-    t.add_row(f"certified radius ε*(τ={tau})", f"{cert.certified_radius}")
+    for method, dc in rep.deployed.items():
+        deployed_rows(t, method, dc)
+    w = "worst case over all states"
+    t.add_row(f"global: certified {cert.shift_name} per unit ε ({w})", f"{cert.lipschitz:.4g}")
+    t.add_row(f"global: certified shift at ε ({w})", f"{cert.shift_bound:.4g}")
+    tv = "n/a" if cert.tv_bound is None else f"{cert.tv_bound:.4f}"
+    t.add_row(f"global: certified TV at ε ({w})", tv)
+    t.add_row(f"global: certified radius ε*(τ={tau}) ({w})", f"{cert.certified_radius}")
     for k, v in cert.comparison.items():
         t.add_row(f"{k} ({'monotone' if v['monotone'] else 'NOT monotone'})", f"{v['value']:.4g}")
     for method, sc in rep.local.items():
         _local_rows(t, method, sc)
     emit(rep.to_dict(), as_json, t)
+
+
+def _vec(v: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
+
+
+def deployed_rows(t: Table, method: str, dc: Any) -> None:
+    """Rows of the deployed-action certificate (:class:`DeployedCertificate`)."""
+    s = dc.summary()
+    m = method.upper()
+    n = s["n_states"]
+    if n == 0:
+        return
+    if dc.argmax_certified is None:
+        dev = s["deviation"]
+        t.add_row(
+            f"deployed action: {m} certified max|Δa| at ε over {n} states, per dim, "
+            "median / p95 (action units)",
+            f"{_vec(dev['median'])} / {_vec(dev['p95'])}",
+        )
+        if "deviation_frac_range" in s:
+            fr = s["deviation_frac_range"]
+            t.add_row(
+                f"deployed action: {m} certified max|Δa| / action range, median / p95",
+                f"{_vec(fr['median'])} / {_vec(fr['p95'])}",
+            )
+        if "empirical_deviation" in s:
+            e = s["empirical_deviation"]
+            t.add_row(
+                f"deployed action: PGD max|Δa| over {s['n_empirical_states']} states, median / max",
+                f"{_vec(e['median'])} / {_vec(e['max'])}",
+            )
+        what = f"within δ = {_vec(list(dc.tolerance))}"
+    else:
+        what = "argmax cannot change"
+        if "empirical_frac_flipped" in s:
+            t.add_row(
+                f"deployed action: PGD flipped the action at (of {s['n_empirical_states']})",
+                f"{100 * s['empirical_frac_flipped']:.1f}%",
+            )
+    t.add_row(
+        f"deployed action: {m} states certified at ε ({what})",
+        f"{100 * s['frac_certified_at_eps']:.1f}%",
+    )
+    r = s["radius"]
+    t.add_row(
+        f"deployed action: {m} certified radius ({what}), median / p95 / max",
+        f"{r['median']:.4g} / {r['p95']:.4g} / {r['max']:.4g} (cap {dc.radius_cap:.4g})",
+    )
+    if dc.sound is not None:
+        t.add_row(
+            "deployed action: certified ≥ PGD at every state",
+            "yes" if dc.sound else "VIOLATED (a bug: please report)",
+        )
 
 
 def _local_rows(t: Table, method: str, sc: dict[str, Any]) -> None:

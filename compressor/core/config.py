@@ -125,6 +125,11 @@ class CertificateSection:
     states: int = 1000
     empirical_states: int = 200
     local_method: str = "crown"
+    #: the deployed-action certificate's tolerance δ per action dimension: a fraction of the
+    #: action range (``deployed_tolerance_units = "range"``, default 5%) or in action units
+    #: (``"action"``, for unbounded action spaces)
+    deployed_tolerance: float = 0.05
+    deployed_tolerance_units: str = "range"
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,40 @@ def method_line(r: dict[str, Any]) -> str:
     )
 
 
+def _deployed_card(d: dict[str, Any], c: dict[str, Any] | None) -> list[list[str]]:
+    """The deployed action's certificate tile (none for reports without it)."""
+
+    def block(p: dict[str, Any] | None) -> dict[str, Any] | None:
+        b = ((p or {}).get("local_certificate") or {}).get("deployed")
+        return b if b and b.get("n_states") else None
+
+    bd, bc = block(d), block(c)
+    if bd is None:
+        return []
+
+    def line(b: dict[str, Any]) -> str:
+        frac = b.get("deviation_frac_range")
+        if frac is None:
+            return f"{pct(b['frac_certified_at_eps'])} of states"
+        return f"median max|Δa| {pct(max(frac['median']))} of range"
+
+    tol = bd["tolerance_given"]
+    what = (
+        "argmax fixed"
+        if bd["action_map"] == "argmax"
+        else (f"|Δa| ≤ {tol['value']:g}" + (" of range" if tol["units"] == "range" else ""))
+    )
+    return [
+        [
+            f"deployed action certified at ε ({what})",
+            pct(bc["frac_certified_at_eps"]) if bc else "—",
+            (f"{line(bc)}; " if bc else "")
+            + f"dense {pct(bd['frac_certified_at_eps'])}, "
+            + line(bd),
+        ]
+    ]
+
+
 def cards(r: dict[str, Any]) -> list[list[str]]:
     """The tiles: [title, value, sub-line] each."""
     d, c = r["dense"], r.get("chosen")
@@ -229,6 +263,7 @@ def cards(r: dict[str, Any]) -> list[list[str]]:
             falls_text(ctail.get("clean")) if c else "—",
             f"dense {falls_text(dense_tail.get('clean'))}",
         ],
+        *_deployed_card(d, c),
         [
             CERT_NAME,
             sci(c["certificates"][norm]["lipschitz"]) if c else "—",

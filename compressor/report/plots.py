@@ -423,8 +423,78 @@ def layers(r: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
+def _deployed_block(p: dict[str, Any] | None) -> dict[str, Any] | None:
+    d = ((p or {}).get("local_certificate") or {}).get("deployed")
+    return d if d and d.get("n_states") and "deviation" in d else None
+
+
+def deployed_certificate(r: dict[str, Any]) -> bytes | None:
+    """:func:`deployed_certificate_figure` as PNG."""
+    fig = deployed_certificate_figure(r)
+    return None if fig is None else _png(fig)
+
+
+def deployed_certificate_figure(r: dict[str, Any]) -> Figure | None:
+    """The deployed action's certified max |Δa| at ε (median and p95 over the visited states,
+    per action dimension, as a fraction of the range) beside PGD's, dense and deployed."""
+    blocks = [
+        (n, b)
+        for n, b in (
+            ("dense", _deployed_block(r.get("dense"))),
+            ("deployed", _deployed_block(r.get("chosen"))),
+        )
+        if b
+    ]
+    if not blocks:
+        return None
+    fig, ax = plt.subplots(figsize=(13, 4.2))
+    k = len(blocks[0][1]["deviation"]["median"])
+    frac = "deviation_frac_range" in blocks[0][1]
+    width = 0.8 / (2 * len(blocks))
+    for j, (name, b) in enumerate(blocks):
+        span = [1.0] * k if not frac else b["action_range"]
+        for m, (stat, alpha) in enumerate((("median", 1.0), ("p95", 0.45))):
+            xs = [i + (2 * j + m) * width for i in range(k)]
+            ys = [v / s for v, s in zip(b["deviation"][stat], span)]
+            ax.bar(
+                xs,
+                ys,
+                width,
+                color=CERT if name == "dense" else CHOSEN,
+                alpha=alpha,
+                edgecolor="black",
+                lw=0.6,
+                label=f"{name}: certified ({b['method']}), {stat}",
+            )
+            emp = b.get("empirical_deviation")
+            if emp and stat == "median":
+                ye = [v / s for v, s in zip(emp["median"], span)]
+                ax.plot(
+                    xs, ye, "D", color=EMPIRICAL, mec="black", ms=7, label=f"{name}: PGD, median"
+                )
+    tol = blocks[0][1]["tolerance"]
+    span0 = blocks[0][1]["action_range"] if frac else [1.0] * k
+    ax.axhline(tol[0] / span0[0], color=GREY, ls="--", lw=1.3, label="tolerance δ")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(k)], [f"action {i}" for i in range(k)])
+    unit = "fraction of the action range" if frac else "action units"
+    ax.set_ylabel(f"max |a(ŝ) − a(s)| ({unit})")
+    cert = ", ".join(f"{n} {100 * b['frac_certified_at_eps']:.1f}%" for n, b in blocks)
+    ax.set_title(
+        f"Deployed action: certified deviation at ε = {r['threat']['eps']} "
+        f"(states within δ: {cert})",
+        fontsize=13,
+    )
+    ax.legend(frameon=False, fontsize=9, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, tuple[str, Callable[[dict[str, Any]], bytes | None]]] = {
     "frontier": ("Frontier: clean and robust return vs sparsity", frontier),
+    "deployed_certificate": (
+        "Deployed action: certified max |Δa| at ε per dimension, vs PGD",
+        deployed_certificate,
+    ),
     "certificate": ("Certificates vs sparsity", certificate),
     "attacks": ("Return under each attack, dense vs deployed", attacks),
     "regret": ("Regret decomposition", regret),

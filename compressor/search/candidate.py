@@ -16,6 +16,7 @@ import numpy as np
 from compressor.attacks import TRAINED
 from compressor.attacks.base import AttackContext
 from compressor.certify.at_states import certify_states
+from compressor.certify.deployed import certify_deployed
 from compressor.certify.global_bound import GlobalCertificate, certify_global
 from compressor.core.config import FinetuneConfig, Profile
 from compressor.core.executor import Executor
@@ -289,9 +290,10 @@ def suite_evaluator(
 def certify_at_states(
     policy: Policy, states: np.ndarray, threat: ThreatModel, prof: Profile
 ) -> dict[str, Any]:
-    """The local certificate (and PGD's empirical shift) at the run's fixed sample of states."""
+    """The local certificate (and PGD's empirical shift) at the run's fixed sample of states,
+    with the deployed action's certificate (and PGD's deviation) under ``"deployed"``."""
     c = prof.certificate
-    return certify_states(
+    out = certify_states(
         policy,
         states,
         threat,
@@ -300,6 +302,18 @@ def certify_at_states(
         empirical_states=c.empirical_states,
         seed=prof.attacks.seed,
     )
+    deployed = certify_deployed(
+        policy,
+        states,
+        threat,
+        method=c.local_method,
+        tolerance=c.deployed_tolerance,
+        tolerance_units=c.deployed_tolerance_units,
+        empirical_states=c.empirical_states,
+        radius_states=c.empirical_states,  # the bisection's cost, on the states PGD also sees
+        seed=prof.attacks.seed,
+    )
+    return {"deployed": deployed.to_dict(), **out}
 
 
 def certify_all(policy: Policy, threat: ThreatModel, prof: Profile) -> dict[str, GlobalCertificate]:

@@ -25,12 +25,15 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from compressor.certify.global_bound import (
     DEFAULT_TAU,
     GAUSSIAN_HEADS,
+    abs_product,
     certified_head,
     certify_global,
+    input_scale,
     output_scale,
     shift_for_tv,
     tv_from_shift,
@@ -38,7 +41,7 @@ from compressor.certify.global_bound import (
 from compressor.core.threat import ThreatModel
 from compressor.deploy.quantize.graph import QuantGraph
 from compressor.deploy.quantize.simulate import rounding_slack
-from compressor.policy.model import Policy
+from compressor.policy.model import DISCRETE_HEADS, Policy
 
 __all__ = ["certify_quantized"]
 
@@ -85,9 +88,36 @@ def certify_quantized(
         "rounding_points": details,
         "dequantized_weights": weights.to_dict(),
     }
+    out["deployed_action"] = deployed_action_bound(policy, threat, c)
     if fp32_policy is not None:
         out["fp32_for_comparison"] = certify_global(fp32_policy, threat, tau).to_dict()
     return out
+
+
+def deployed_action_bound(policy: Policy, threat: ThreatModel, c: np.ndarray) -> dict[str, Any]:
+    """The quantised graph's deployed action: a bound on ``max |a(ŝ) − a(s)|`` per dimension,
+    worst case over all states (continuous heads).
+
+    Per output, ``|Δout_i| ≤ ε·‖(Q N)_i‖_* + c_i`` (``Q`` the dequantised weights'
+    absolute product, ``c`` the rounding bound; this pairwise form holds with saturating static
+    scales too, where a per-state interval around the fp32 output would not). The deployment map
+    has slope ≤ 1 (clip) or ≤ (high − low)/2 (tanh-rescale), and no action moves more than its
+    range. Argmax heads: None (see ``additive`` for the logit gap).
+    """
+    if policy.spec.head in DISCRETE_HEADS:
+        return {"per_dim": None, "scope": "worst case over all states"}
+    q = abs_product(policy) * input_scale(policy, threat)[None, :]
+    dual = q.sum(-1) if threat.norm == "inf" else torch.linalg.vector_norm(q, dim=-1)
+    per_out = threat.eps * dual.numpy() + c
+    span = (policy.action_high - policy.action_low).to(torch.float64).numpy()
+    slope = span / 2.0 if policy.action_map == "tanh_rescale" else np.ones_like(span)
+    with np.errstate(invalid="ignore"):
+        dev = np.minimum(np.where(np.isfinite(per_out), slope * per_out, math.inf), span)
+    return {
+        "scope": "worst case over all states",
+        "per_dim": [float(x) for x in dev],
+        "frac_range": [float(x) for x in dev / span] if np.all(np.isfinite(span)) else None,
+    }
 
 
 def _additive_shift(policy: Policy, c: np.ndarray) -> float:
