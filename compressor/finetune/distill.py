@@ -236,7 +236,7 @@ def distill_with_dagger(
         stats.loss_end,
         cfg.steps if ran == phases else ran * per.steps,
         time.perf_counter() - t0,
-        dagger_rounds_run=ran - 1,
+        dagger_rounds_run=ran - 1 if selector is not None else None,
     )
 
 
