@@ -73,7 +73,9 @@ def test_falls_and_clearly_lost() -> None:
     assert not CheckpointSelector(lambda p: (ref, 1), ref).clearly_lost()  # 0: never lost
 
 
-def _dagger_case(on_step: object = None) -> tuple[object, CheckpointSelector]:
+def _dagger_case(
+    on_step: object = None, reference: float = 5.0
+) -> tuple[object, CheckpointSelector]:
     teacher = make_policy(hidden=(16,))
     student = prune(teacher, 0.5)
     states = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
@@ -83,7 +85,7 @@ def _dagger_case(on_step: object = None) -> tuple[object, CheckpointSelector]:
     def evaluate(p: Policy) -> tuple[np.ndarray, int]:
         return np.full(2, next(calls)), 2
 
-    sel = CheckpointSelector(evaluate, np.full(2, 5.0))
+    sel = CheckpointSelector(evaluate, np.full(2, reference), lost_fraction=0.5)
     collected: list[int] = []
 
     def collect(p: Policy) -> np.ndarray:
@@ -102,6 +104,13 @@ def test_dagger_stops_when_a_round_does_not_help() -> None:
     assert [c.label for c in sel.history] == ["phase 0", "phase 1"]
     assert stats.dagger_rounds_run == 1 and stats.steps == 2 * (40 // 5)
     assert sel.stopped == "no gain"
+
+
+def test_a_lost_level_stops_only_after_a_round_that_did_not_help() -> None:
+    # every checkpoint is far below the dense 100: the first phase alone does not stop it
+    stats, sel = _dagger_case(reference=100.0)
+    assert [c.label for c in sel.history] == ["phase 0", "phase 1"]
+    assert sel.stopped == "lost"
 
 
 def test_micro_pruning_runs_every_round() -> None:

@@ -194,8 +194,9 @@ class FinetuneConfig:
         (:mod:`compressor.finetune.select`; 0: off, the last checkpoint is kept).
     :param dagger_patience: with selection, stop the DAgger rounds once this many in a row did
         not improve the selected return (0: run every round).
-    :param lost_fraction: with selection, stop fine-tuning once the best return is below the
-        dense one by more than this share of its size: the level is clearly lost (0: never)."""
+    :param lost_fraction: with selection, stop fine-tuning once a DAgger round did not improve
+        a best return below the dense one by more than this share of its size: the level is
+        clearly lost (0: never)."""
 
     steps: int = 2000
     batch_size: int = 256

@@ -149,7 +149,7 @@ def _run_methods(
             on_step=on_step,
             selector=selector,
         )
-    lost = selector is not None and on_step is None and selector.clearly_lost()
+    lost = selector is not None and selector.stopped == "lost"
     if "ppo" not in cfg.method or (lost and first is not None):
         assert first is not None
         return first

@@ -241,8 +241,10 @@ def distill_with_dagger(
 
 
 def _stop(selector: CheckpointSelector, cfg: FinetuneConfig, stale: int) -> bool:
-    """Whether the DAgger rounds end here (and why, in ``selector.stopped``)."""
-    if selector.clearly_lost():
+    """Whether the DAgger rounds end here (and why, in ``selector.stopped``): a level is only
+    called lost once a DAgger round failed to improve it (the first phase alone is too short
+    to judge a hard level by)."""
+    if stale >= 1 and selector.clearly_lost():
         selector.stopped = "lost"
     elif cfg.dagger_patience > 0 and stale >= cfg.dagger_patience:
         selector.stopped = "no gain"

@@ -9,9 +9,10 @@ from the verdict's (the profile's fine-tuning seeds are ≥ 10000, the verdict's
 one with the best mean return is kept. The verdict then measures the kept policy on its own
 seeds, so selecting on these does not bias it. The same evaluations drive two early stops:
 DAgger rounds end once ``dagger_patience`` rounds in a row did not improve the best return,
-and fine-tuning ends once the best return is below the dense one by more than
-``lost_fraction`` of its size (the level is clearly lost; the search's candidate then fails on
-its own evaluation).
+and fine-tuning ends once a round did not improve a best return that is below the dense one by
+more than ``lost_fraction`` of its size (the level is clearly lost; the search's candidate then
+fails on its own evaluation). The first phase alone never calls a level lost: on TQC
+HalfCheetah at 80% it scored 2218 after 750 steps, and the full schedule 7726.
 """
 
 from __future__ import annotations
