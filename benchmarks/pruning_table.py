@@ -66,6 +66,32 @@ def run_one(
         "sweet_spot": (r.get("frontier_analysis") or {}).get("sweet_spot"),
         "wall_s": wall,
         "workers": workers,
+        "dense_falls": _falls(d),
+        "chosen_falls": _falls(c) if c else None,
+        "finetune": _finetune(c) if c else None,
+        "timings_s": r.get("timings_s") or (r.get("run") or {}).get("timings_s"),
+    }
+
+
+def _falls(block: dict[str, Any]) -> str:
+    """Falls per evaluation, ``condition falls/episodes`` (the report's tails)."""
+    tail = block.get("tail") or {}
+    return ", ".join(f"{k} {v['falls']}/{v['n']}" for k, v in tail.items())
+
+
+def _finetune(block: dict[str, Any]) -> dict[str, Any] | None:
+    """Which fine-tuning ran on the chosen policy and what it cost (steps, env steps, s)."""
+    ft = block.get("finetune")
+    if not ft:
+        return None
+    sel = ft.get("selection") or {}
+    return {
+        "method": ft["method"] + (" + selection" if sel else ""),
+        "steps": ft["steps"],
+        "dagger_rounds_run": ft.get("dagger_rounds_run"),
+        "chosen_checkpoint": sel.get("chosen"),
+        "select_env_steps": sel.get("env_steps"),
+        "wall_s": round(ft["wall_s"], 1),
     }
 
 
@@ -77,12 +103,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of the rows."""
     head = (
         "| policy | method | chosen sparsity | clean dense → chosen | robust dense → chosen "
-        "| Lipschitz dense → chosen | neurons removed | sweet spot | wall time |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| Lipschitz dense → chosen | neurons removed | falls dense → chosen | fine-tuning "
+        "| wall time |\n"
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|\n"
     )
     lines = []
     for r in rows:
-        sweet = r.get("sweet_spot") or {}
+        ft = r.get("finetune") or {}
+        ft_text = (
+            f"{ft['method']}, {ft['steps']} steps, kept {ft.get('chosen_checkpoint')}, "
+            f"{ft['wall_s']:.0f} s"
+            if ft
+            else "—"
+        )
         lines.append(
             f"| {r['env']} ({Path(r['policy']).name}) | {r['method']} "
             f"| {_f(r['chosen_sparsity'], '{:.1%}')} "
@@ -90,7 +123,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['dense_robust']:.1f} → {_f(r['chosen_robust'])} "
             f"| {r['dense_lipschitz']:.4g} → {_f(r['chosen_lipschitz'], '{:.4g}')} "
             f"| {_f(r['removed_neurons'], '{:d}')} "
-            f"| {_f(sweet.get('sparsity'), '{:.1%}')} "
+            f"| {r.get('dense_falls', '—')} → {r.get('chosen_falls') or '—'} | {ft_text} "
             f"| {r['wall_s'] / 60:.1f} min |"
         )
     return head + "\n".join(lines)

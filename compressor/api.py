@@ -373,7 +373,7 @@ def prune_policy(
             prof, prune=dataclasses.replace(prof.prune, method=method, scope=scope)
         )
         states, _ = dense_states(dense, prof)
-        collect = student_state_collector(prof)
+        collect = student_state_collector(prof, settings.threat)
         pruned, stats = prune_candidate(
             dense, sparsity, prof, states, settings.threat, collect, critic=loaded.critic
         )

@@ -181,7 +181,9 @@ def test_unknown_profile_and_target_names(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", list_shipped("profiles"))
 def test_every_shipped_profile_has_its_reference_policy(name: str) -> None:
     """Each shipped profile's reference policy is there, is for its env, fits the env's
-    spaces, and carries the critic that the critic attack and PPO fine-tuning use."""
+    spaces (with the wrappers it records, e.g. the RL Zoo's time feature), and carries a
+    critic: the value function the critic attack and PPO fine-tuning use, or (SAC/TQC imports)
+    its Q-networks."""
     from compressor.core.config import profile_policy_path
     from compressor.policy.loading import load_policy
     from compressor.rl.envs import check_policy_fits_env
@@ -193,7 +195,12 @@ def test_every_shipped_profile_has_its_reference_policy(name: str) -> None:
     spec = loaded.policy.spec
     assert spec.env_id == prof.env.id
     check_policy_fits_env(
-        spec.obs_dim, spec.act_dim, spec.head == "categorical", prof.env.id, prof.env.kwargs
+        spec.obs_dim,
+        spec.act_dim,
+        spec.head == "categorical",
+        prof.env.id,
+        prof.env.kwargs,
+        spec.env_wrappers,
     )
-    assert loaded.critic is not None
+    assert loaded.critic is not None or loaded.q_nets
     assert prof.reference.best_return is not None and prof.reference.source

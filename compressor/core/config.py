@@ -193,7 +193,15 @@ class FinetuneConfig:
         trained with, so match it (``false`` for policies trained with ``--no-norm-reward``).
         A learned critic always uses scaled rewards (raw returns are slow to fit).
     :param ppo_critic_steps: env steps of the value-only phase (on the dense policy's
-        rollouts) that learns a critic when the policy file has none."""
+        rollouts) that learns a critic when the policy file has none.
+    :param select_episodes: episodes (on seeds of their own, apart from the verdict's) on which
+        every fine-tuning checkpoint is evaluated; the one with the best return is kept
+        (:mod:`compressor.finetune.select`; 0: off, the last checkpoint is kept).
+    :param dagger_patience: with selection, stop the DAgger rounds once this many in a row did
+        not improve the selected return (0: run every round).
+    :param lost_fraction: with selection, stop fine-tuning once a DAgger round did not improve
+        a best return below the dense one by more than this share of its size: the level is
+        clearly lost (0: never)."""
 
     steps: int = 2000
     batch_size: int = 256
@@ -217,6 +225,9 @@ class FinetuneConfig:
     ppo_gae_lambda: float = 0.95
     ppo_norm_reward: bool = True
     ppo_critic_steps: int = 20_000
+    select_episodes: int = 0
+    dagger_patience: int = 0
+    lost_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_finetune_settings(
@@ -228,10 +239,13 @@ class FinetuneConfig:
 class FinetuneSection(FinetuneConfig):
     """``[finetune]``: the fine-tuning settings (:class:`FinetuneConfig`) and where its states
     come from: ``state_episodes`` dense-policy episodes from seed ``state_seed``, then
-    ``dagger_episodes`` student episodes per DAgger round."""
+    ``dagger_episodes`` student episodes per DAgger round (and ``dagger_perturbed_episodes``
+    more under uniform observation noise of the full ε: the states a perturbed student visits);
+    checkpoint selection's ``select_episodes`` follow on the next seeds."""
 
     dagger_rounds: int = 2
     dagger_episodes: int = 10
+    dagger_perturbed_episodes: int = 0
     state_episodes: int = 20
     state_seed: int = 10_000
 

@@ -7,6 +7,12 @@ point (``compress prune``, the search and the pipeline all call it); it runs ``c
   (:mod:`compressor.finetune.ppo`);
 - ``distill+ppo``: the first, then the second from where it stopped.
 
+With ``select_episodes`` > 0 (and a selection evaluator in :class:`FinetuneInputs`) every
+checkpoint — the pruned policy before training, the end of each distillation phase, the end of
+PPO — is evaluated on seeds apart from the verdict's and the best one is kept
+(:mod:`compressor.finetune.select`); its evaluations also stop DAgger rounds that no longer
+help and fine-tuning of a level that is clearly lost.
+
 What both share (the run's :class:`~compressor.finetune.common.FinetuneStats`, the step hook,
 SA-PPO's smoothness regulariser, the mask/certificate projection) is in
 :mod:`compressor.finetune.common`.
@@ -14,6 +20,7 @@ SA-PPO's smoothness regulariser, the mask/certificate projection) is in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +32,7 @@ from compressor.core.threat import ThreatModel
 from compressor.finetune.common import FinetuneStats, StepHook
 from compressor.finetune.distill import dagger_total_steps, distill_with_dagger
 from compressor.finetune.ppo import ppo_finetune, ppo_total_steps
+from compressor.finetune.select import CheckpointSelector, SelectFn
 from compressor.policy.model import Policy
 from compressor.policy.value import ValueNet
 
@@ -46,6 +54,9 @@ class FinetuneInputs:
         one first).
     :param env_id: gymnasium id. :param env_kwargs: its kwargs.
     :param seed: seed of everything random.
+    :param select: evaluates a policy on the selection seeds (its returns and env steps), or
+        None (no checkpoint selection whatever ``select_episodes`` says).
+    :param fall_fraction: a selection episode below this share of the dense median is a fall.
     """
 
     dense: Policy
@@ -56,6 +67,8 @@ class FinetuneInputs:
     env_id: str
     env_kwargs: dict[str, Any]
     seed: int = 0
+    select: SelectFn | None = None
+    fall_fraction: float = 0.5
 
 
 def finetune_total_steps(cfg: FinetuneConfig) -> int:
@@ -86,6 +99,43 @@ def finetune_candidate(
     check_finetune_settings(
         cfg.method, cfg.ppo_steps, cfg.ppo_num_envs, cfg.ppo_num_steps, cfg.ppo_minibatches
     )
+    t0 = time.perf_counter()
+    selector = _selector(policy, inputs, cfg)
+    stats = _run_methods(policy, inputs, cfg, on_step, selector)
+    if selector is None:
+        return stats
+    if "ppo" in cfg.method:
+        selector.offer(policy, "ppo")
+    chosen = selector.restore_best(policy)
+    wall = time.perf_counter() - t0
+    return replace(stats, selection=selector.summary(chosen), wall_s=wall)
+
+
+def _selector(
+    policy: Policy, inputs: FinetuneInputs, cfg: FinetuneConfig
+) -> CheckpointSelector | None:
+    """The run's checkpoint selector, its first checkpoint the untrained pruned policy (None:
+    selection is off)."""
+    if inputs.select is None or cfg.select_episodes <= 0:
+        return None
+    sel = CheckpointSelector.for_dense(
+        inputs.select,
+        inputs.dense,
+        fall_fraction=inputs.fall_fraction,
+        lost_fraction=cfg.lost_fraction,
+    )
+    sel.offer(policy, "pruned")
+    return sel
+
+
+def _run_methods(
+    policy: Policy,
+    inputs: FinetuneInputs,
+    cfg: FinetuneConfig,
+    on_step: StepHook | None,
+    selector: CheckpointSelector | None,
+) -> FinetuneStats:
+    """Distillation and/or PPO as ``cfg.method`` says (PPO skipped on a clearly lost level)."""
     first: FinetuneStats | None = None
     if "distill" in cfg.method:
         first = distill_with_dagger(
@@ -97,8 +147,10 @@ def finetune_candidate(
             inputs.collect,
             seed=inputs.seed,
             on_step=on_step,
+            selector=selector,
         )
-    if "ppo" not in cfg.method:
+    lost = selector is not None and selector.stopped == "lost"
+    if "ppo" not in cfg.method or (lost and first is not None):
         assert first is not None
         return first
     stats = ppo_finetune(
@@ -120,6 +172,7 @@ def finetune_candidate(
         stats,
         method=cfg.method,
         loss_start=first.loss_start,
-        steps=dagger_total_steps(cfg) + stats.steps,
+        steps=(dagger_total_steps(cfg) if first.steps == cfg.steps else first.steps) + stats.steps,
         wall_s=first.wall_s + stats.wall_s,
+        dagger_rounds_run=first.dagger_rounds_run,
     )

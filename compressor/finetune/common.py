@@ -42,7 +42,12 @@ class FinetuneStats:
         first), None without PPO. :param critic_env_steps: env steps of that phase.
     :param train_return_start: mean return of the PPO training episodes (sampled actions,
         not the deterministic evaluation) that ended in its first rollout.
-    :param train_return_end: the same in its last rollout (None: no episode ended)."""
+    :param train_return_end: the same in its last rollout (None: no episode ended).
+    :param dagger_rounds_run: DAgger rounds distillation ran with checkpoint selection on
+        (fewer than asked when it stopped them; None: selection off, every round ran).
+    :param selection: what checkpoint selection did (:meth:`CheckpointSelector.summary`:
+        every checkpoint's return and falls, the one kept, why it stopped, its env steps);
+        None when off."""
 
     loss_start: float
     loss_end: float
@@ -54,10 +59,16 @@ class FinetuneStats:
     critic_env_steps: int = 0
     train_return_start: float | None = None
     train_return_end: float | None = None
+    dagger_rounds_run: int | None = None
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (without the selection's fields when it was off, as before it)."""
+        d = asdict(self)
+        for k in ("dagger_rounds_run", "selection"):
+            if d[k] is None:
+                del d[k]
+        return d
 
 
 class StepCounter:

@@ -39,6 +39,7 @@ from compressor.finetune.common import (
     projection,
     smoothness_term,
 )
+from compressor.finetune.select import CheckpointSelector
 from compressor.policy.model import Policy
 
 
@@ -186,10 +187,16 @@ def distill_with_dagger(
     collect: Callable[[Policy], np.ndarray],
     seed: int = 0,
     on_step: StepHook | None = None,
+    selector: CheckpointSelector | None = None,
 ) -> FinetuneStats:
     """:func:`distill`, in ``cfg.dagger_rounds + 1`` phases that split ``cfg.steps``; after
     each phase but the last, ``collect(student)`` returns states the student visits, which
     join the training set.
+
+    With a ``selector``, the end of every phase is a checkpoint evaluated on the selection
+    seeds (:mod:`compressor.finetune.select`); without micro-pruning's hook (whose cuts follow
+    a fixed step count) the rounds stop once ``cfg.dagger_patience`` rounds in a row did not
+    improve the best return, or once the level is clearly lost. The caller restores the best.
 
     :param student: the pruned policy (changed in place). :param teacher: the dense policy.
     :param states: raw observations the teacher visited (the first phase's data).
@@ -197,12 +204,14 @@ def distill_with_dagger(
     :param collect: rolls out a policy and returns the raw observations it visited.
     :param seed: phase ``k`` distils with seed ``seed + k``.
     :param on_step: as in :func:`distill`, with step indices counted across the phases.
+    :param selector: evaluates the checkpoints (None: no selection, every round runs).
     """
     phases = cfg.dagger_rounds + 1
     per = replace(cfg, steps=max(1, cfg.steps // phases))
     data = states
     first: FinetuneStats | None = None
     t0 = time.perf_counter()
+    stale, ran = 0, 0
     for k in range(phases):
         stats = distill(
             student,
@@ -214,9 +223,29 @@ def distill_with_dagger(
             on_step=on_step,
             step_offset=k * per.steps,
         )
-        first = first or stats
+        first, ran = first or stats, k + 1
+        if selector is not None:
+            improved = selector.offer(student, f"phase {k}")
+            stale = 0 if improved or k == 0 else stale + 1
+            if on_step is None and k < phases - 1 and _stop(selector, cfg, stale):
+                break
         if k < phases - 1:
             data = np.concatenate([data, collect(student)])
     return FinetuneStats(
-        first.loss_start if first else 0.0, stats.loss_end, cfg.steps, time.perf_counter() - t0
+        first.loss_start if first else 0.0,
+        stats.loss_end,
+        cfg.steps if ran == phases else ran * per.steps,
+        time.perf_counter() - t0,
+        dagger_rounds_run=ran - 1 if selector is not None else None,
     )
+
+
+def _stop(selector: CheckpointSelector, cfg: FinetuneConfig, stale: int) -> bool:
+    """Whether the DAgger rounds end here (and why, in ``selector.stopped``): a level is only
+    called lost once a DAgger round failed to improve it (the first phase alone is too short
+    to judge a hard level by)."""
+    if stale >= 1 and selector.clearly_lost():
+        selector.stopped = "lost"
+    elif cfg.dagger_patience > 0 and stale >= cfg.dagger_patience:
+        selector.stopped = "no gain"
+    return bool(selector.stopped)

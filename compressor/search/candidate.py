@@ -159,7 +159,7 @@ def build_candidate(
     steps = len(prof.attacks.screen) + 2
     t0 = time.perf_counter()
     progress(0, steps, "pruning and fine-tuning")
-    collect = student_state_collector(prof)
+    collect = student_state_collector(prof, threat)
     critic = job.attack_ctx.critic
     cand, ft = prune_candidate(
         job.dense,
@@ -352,7 +352,18 @@ def prune_candidate(
     """
     ft_cfg = cfg or finetune_config(prof)
     env_id, env_kwargs, seed = prof.env.id, dict(prof.env.kwargs), prof.finetune.state_seed
-    inputs = FinetuneInputs(dense, states, threat, collect, critic, env_id, env_kwargs, seed=seed)
+    inputs = FinetuneInputs(
+        dense,
+        states,
+        threat,
+        collect,
+        critic,
+        env_id,
+        env_kwargs,
+        seed=seed,
+        select=selection_evaluator(prof, ft_cfg.select_episodes, threat),
+        fall_fraction=prof.evaluation.fall_fraction,
+    )
 
     def tune(pol: Policy, hook: Callable[[int], None] | None) -> FinetuneStats:
         return finetune_candidate(pol, inputs, ft_cfg, on_step=hook)
@@ -392,10 +403,17 @@ def dense_states(
     return res.states, res.steps
 
 
-def student_state_collector(prof: Profile) -> Callable[[Policy], np.ndarray]:
-    """Rolls out a student on the profile's DAgger seeds and returns the states it visits."""
-    start = prof.finetune.state_seed + prof.finetune.state_episodes
-    seeds = list(range(start, start + prof.finetune.dagger_episodes))
+def student_state_collector(
+    prof: Profile, threat: ThreatModel | None = None
+) -> Callable[[Policy], np.ndarray]:
+    """Rolls out a student on the profile's DAgger seeds and returns the states it visits;
+    with ``threat`` and ``[finetune] dagger_perturbed_episodes`` > 0, also that many episodes
+    (the same seeds from the first) under uniform observation noise of the full ε (the true
+    states a perturbed student visits)."""
+    f = prof.finetune
+    start = f.state_seed + f.state_episodes
+    seeds = list(range(start, start + f.dagger_episodes))
+    noisy = list(range(start, start + f.dagger_perturbed_episodes)) if threat else []
     num_envs = prof.evaluation.num_envs
 
     def collect(pol: Policy) -> np.ndarray:
@@ -403,6 +421,48 @@ def student_state_collector(prof: Profile) -> Callable[[Policy], np.ndarray]:
             pol, prof.env.id, prof.env.kwargs, seeds, num_envs=num_envs, record_states=True
         )
         assert res.states is not None
-        return res.states
+        if not noisy or threat is None:
+            return res.states
+        noise = ObservationNoise(1.0, threat, tuple(threat.scale(pol).tolist()))
+        _, res2 = evaluate(
+            pol,
+            prof.env.id,
+            prof.env.kwargs,
+            noisy,
+            num_envs=num_envs,
+            record_states=True,
+            noise=noise,
+        )
+        assert res2.states is not None
+        return np.concatenate([res.states, res2.states])
 
     return collect
+
+
+def selection_seeds(prof: Profile, episodes: int) -> list[int]:
+    """Checkpoint selection's episode seeds: after the dense states' and DAgger's (all at or
+    above ``state_seed`` ≥ 10000, apart from the verdict's)."""
+    f = prof.finetune
+    start = f.state_seed + f.state_episodes + max(f.dagger_episodes, f.dagger_perturbed_episodes)
+    return list(range(start, start + episodes))
+
+
+def selection_evaluator(
+    prof: Profile, episodes: int, threat: ThreatModel | None = None
+) -> Callable[[Policy], tuple[np.ndarray, int]] | None:
+    """Evaluates a policy's clean return on :func:`selection_seeds`, with the verdict's tiny
+    observation noise (``[evaluation] obs_noise``, with ``threat``); None: ``episodes`` = 0."""
+    if episodes <= 0:
+        return None
+    seeds, ev_cfg = selection_seeds(prof, episodes), prof.evaluation
+
+    def run(pol: Policy) -> tuple[np.ndarray, int]:
+        noise = None
+        if threat is not None and ev_cfg.obs_noise > 0:
+            noise = ObservationNoise(ev_cfg.obs_noise, threat, tuple(threat.scale(pol).tolist()))
+        ev, res = evaluate(
+            pol, prof.env.id, prof.env.kwargs, seeds, num_envs=ev_cfg.num_envs, noise=noise
+        )
+        return np.asarray(ev.stats.returns, dtype=float), res.steps
+
+    return run
