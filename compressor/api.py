@@ -24,7 +24,7 @@ from compressor.attacks import ATTACKS, NEEDS_CRITIC, AttackBudget, AttackContex
 from compressor.certify.at_states import certify_states
 from compressor.certify.deployed import DeployedCertificate, certify_deployed
 from compressor.certify.global_bound import GlobalCertificate, certify_global
-from compressor.core.config import list_shipped, load_profile, profile_policy_path
+from compressor.core.config import list_shipped, load_profile, parse_duration, profile_policy_path
 from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress
@@ -184,6 +184,7 @@ def attack_policy(
     executor: Executor | None = None,
     progress: Progress = no_progress,
     note: Note | None = None,
+    attack_time: float | str | None = None,
 ) -> AttackReport:
     """Returns under observation attacks in the ε-ball, all on the same seeds.
 
@@ -193,6 +194,8 @@ def attack_policy(
     :param save: folder for the learned adversaries' and RS's weights.
     :param warm_start: folder of another policy's saved adversaries to start from.
     :param train_steps: env steps per learned adversary (default: the profile's).
+    :param attack_time: time budget per learned adversary, seconds or e.g. ``"10m"``
+        (default: the profile's ``learned_time``); training stops at it or the step count.
     :param profile: profile name or file. :param env_id: the environment.
     :param executor: runs the evaluations side by side (default: in turn, in this process).
     :param progress: told the evaluations done. :param note: receives notes for the user.
@@ -206,6 +209,9 @@ def attack_policy(
     budget = AttackBudget.from_section(prof.attacks)
     if train_steps is not None:
         budget = dataclasses.replace(budget, learned_steps=train_steps)
+    if attack_time is not None:
+        parse_duration(attack_time)  # a clear error before anything runs
+        budget = dataclasses.replace(budget, learned_time=attack_time)
     ctx = AttackContext(
         loaded.policy,
         settings.threat,

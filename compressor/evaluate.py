@@ -38,6 +38,12 @@ from compressor.policy.model import Policy
 from compressor.rl.noise import EpisodeNoise, ObservationNoise, episode_limit
 from compressor.rl.rollout import Actor, ObsTransform, RolloutResult, rollout
 
+#: Attacks that fail when they end above the clean return (they are built to lower it: a
+#: learned adversary that helps, or a critic whose value does not rank states as the return
+#: does); their return is then reported as failed, never counted as the worst attack.
+FAILABLE_ATTACKS = ("sa_rl", "pa_ad", "critic")
+FAILED_ABOVE_CLEAN = "return above clean"
+
 
 @dataclass
 class EvalResult:
@@ -127,7 +133,11 @@ class EvalResult:
         info = self.training or {}
         if "env_steps" in info:
             warm = ", warm-started" if info.get("warm_start") else ""
-            return f"PPO {info['env_steps']} env steps, {info['wall_s']:.0f} s{warm}"
+            planned = info.get("planned_steps")
+            cut = ""
+            if info.get("stopped") == "time":
+                cut = f" of {planned} (time limit {info.get('time_limit_s'):.0f} s)"
+            return f"PPO {info['env_steps']}{cut} env steps, {info['wall_s']:.0f} s{warm}"
         if "transitions" in info:
             return (
                 f"Q from {info['transitions']} transitions, λ = {info['reg']} "
@@ -171,19 +181,35 @@ class SuiteResult:
     attacks: dict[str, EvalResult] = field(default_factory=dict)
     threat: ThreatModel | None = None
 
+    def failed(self, name: str) -> str | None:
+        """Why attack ``name`` failed (``"return above clean"``: a learned or critic attack
+        that raised the return did not do an attack's job), or None."""
+        r = self.attacks[name]
+        if name in FAILABLE_ATTACKS and r.stats.mean > self.clean.stats.mean:
+            return FAILED_ABOVE_CLEAN
+        return None
+
+    @property
+    def counted(self) -> dict[str, EvalResult]:
+        """The attacks that did not fail (those the robust return is taken over)."""
+        return {k: v for k, v in self.attacks.items() if self.failed(k) is None}
+
     @property
     def robust_return(self) -> float:
-        """Minimum mean return over the attacks (the clean return if there are none)."""
-        if not self.attacks:
+        """Minimum mean return over the attacks that did not fail (the clean return if there
+        are none)."""
+        if not self.counted:
             return self.clean.stats.mean
-        return min(r.stats.mean for r in self.attacks.values())
+        return min(r.stats.mean for r in self.counted.values())
 
     @property
     def strongest_attack(self) -> str | None:
-        """Name of the attack that reached the lowest return."""
-        if not self.attacks:
+        """Name of the attack (among those that did not fail) that reached the lowest
+        return."""
+        counted = self.counted
+        if not counted:
             return None
-        return min(self.attacks, key=lambda k: self.attacks[k].stats.mean)
+        return min(counted, key=lambda k: counted[k].stats.mean)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], threat: ThreatModel | None = None) -> SuiteResult:
@@ -195,10 +221,17 @@ class SuiteResult:
         """JSON-ready dict."""
         return {
             "clean": self.clean.to_dict(),
-            "attacks": {k: v.to_dict() for k, v in self.attacks.items()},
+            "attacks": {k: self._attack_dict(k) for k in self.attacks},
             "robust_return": self.robust_return,
             "strongest_attack": self.strongest_attack,
         }
+
+    def _attack_dict(self, name: str) -> dict[str, Any]:
+        out = self.attacks[name].to_dict()
+        why = self.failed(name)
+        if why is not None:
+            out["failed"] = why
+        return out
 
 
 class _TVMeter:

@@ -61,19 +61,24 @@ def pa_ad_perturb(
     """PA-AD's actor: PGD towards the director's direction in the victim's action space."""
     d = action / action.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     with torch.no_grad():
-        clean = _action_repr(victim, victim(obs))
+        clean = _action_repr(victim, obs)
 
     def objective(x: torch.Tensor) -> torch.Tensor:
-        return ((_action_repr(victim, victim(x)) - clean) * d).sum(-1)
+        return ((_action_repr(victim, x) - clean) * d).sum(-1)
 
     return pgd(objective, obs, scale, threat.eps, norm=threat.norm, steps=steps)
 
 
-def _action_repr(victim: Policy, out: torch.Tensor) -> torch.Tensor:
+def _action_repr(victim: Policy, obs: torch.Tensor) -> torch.Tensor:
+    """The victim's action at raw ``obs`` in the space PA-AD's director steers: Gaussian
+    means in σ units (σ state-dependent or not), log-probabilities for categorical logits,
+    the trunk's output (Q-values, deterministic actions) otherwise."""
+    if victim.std_kind is not None:
+        mean, log_std = victim.distribution_params(obs)
+        return mean / log_std.exp()
+    out = victim(obs)
     if victim.spec.head == "categorical":
         return torch.log_softmax(out, -1)
-    if victim.spec.head in ("gaussian", "squashed_gaussian"):
-        return out / victim.log_std.exp()
     return out
 
 
@@ -248,6 +253,11 @@ def train_adversary(ctx: AttackContext, mode: str) -> tuple[Policy, dict[str, An
         num_steps=num_steps,
         minibatches=8 if num_steps == 64 else 32,
         eval_episodes=0,
+        # a return-minimising adversary over long episodes needs a long horizon, and a value
+        # target that does not treat the time limit as the end of the world
+        gamma=b.learned_gamma,
+        bootstrap_truncation=True,
+        time_limit_s=b.learned_time_s,
     )
     init_path = None if ctx.warm_start is None else ctx.warm_start / f"{mode}.pt"
     init = _load_adversary(init_path) if init_path is not None and init_path.is_file() else None
@@ -260,6 +270,9 @@ def train_adversary(ctx: AttackContext, mode: str) -> tuple[Policy, dict[str, An
     victim_curve = [(s, round(-r, 1)) for s, r in curve if r == r]
     info: dict[str, Any] = {
         "env_steps": stats["env_steps"],
+        "planned_steps": stats["planned_steps"],
+        "stopped": stats["stopped"],
+        "time_limit_s": b.learned_time_s,
         "updates": stats["updates"],
         "wall_s": round(time.perf_counter() - t0, 1),
         "warm_start": str(init_path) if init is not None else None,

@@ -79,6 +79,14 @@ def attack(
         int | None,
         typer.Option("--train-steps", help="Env steps per learned adversary (default: profile)."),
     ] = None,
+    attack_time: Annotated[
+        str | None,
+        typer.Option(
+            "--attack-time",
+            help="Time budget per learned adversary: seconds or e.g. '10m' (default: profile "
+            "[attacks] learned_time); training stops at it or at the step count, first.",
+        ),
+    ] = None,
     profile: ProfileOpt = None,
     env: EnvOpt = None,
     executor: ExecutorOpt = "local",
@@ -111,6 +119,7 @@ def attack(
                 save=save,
                 warm_start=warm_start,
                 train_steps=train_steps,
+                attack_time=attack_time,
                 profile=profile,
                 env_id=env,
                 executor=ex,
@@ -126,9 +135,13 @@ def attack(
     for r in [suite.clean, *suite.attacks.values()]:
         s = r.stats
         tv = "—" if r.mean_tv is None else f"{r.mean_tv:.3f}"
-        t.add_row(
-            r.attack, f"{s.mean:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}", tv, r.training_summary()
+        bad = suite.failed(r.attack) if r.attack in suite.attacks else None
+        ret, ci = (
+            (f"failed: {bad}", "—")
+            if bad
+            else (f"{s.mean:.1f}", f"{s.ci_low:.1f} – {s.ci_high:.1f}")
         )
+        t.add_row(r.attack, ret, ci, tv, r.training_summary())
     n = suite.clean.stats.n
     t.caption = f"{rep.env_id}, ε = {threat.eps} ({threat.norm}, {threat.space}), {n} ep."
     emit(rep.to_dict(), as_json, t)

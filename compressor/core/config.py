@@ -76,6 +76,21 @@ class EvaluationSection:
         return max(self.episodes, self.max_episodes)
 
 
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from ``90``, ``"90"``, ``"90s"``, ``"10m"`` or ``"1.5h"``."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    text = str(value).strip().lower()
+    try:
+        secs = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise CompressorError(
+            f"bad duration {value!r}: give seconds or a number with s, m or h (e.g. '10m')"
+        ) from None
+    if not secs > 0 or secs != secs:
+        raise CompressorError(f"bad duration {value!r}: must be positive")
+    return secs
+
+
 @dataclass(frozen=True)
 class AttackBudget:
     """Training budgets of the attacks that learn something before they attack.
@@ -89,6 +104,11 @@ class AttackBudget:
     :param mad_rs_ratio: weight of MAD in the MAD+RS objective (the rest on RS's ``-Q``).
     :param learned_steps: env steps of PPO training of each learned adversary (SA-RL, PA-AD).
     :param learned_num_envs: parallel envs of that training.
+    :param learned_time: wall-clock budget of each learned adversary's training, seconds or a
+        duration such as ``"10m"`` (None: only ``learned_steps``); training stops at whichever
+        comes first.
+    :param learned_gamma: the adversary's discount: a return-minimising adversary over long
+        episodes needs a long horizon (0.99 taught SA-RL to help the victim on Hopper).
     """
 
     pgd_steps: int = 10
@@ -99,6 +119,13 @@ class AttackBudget:
     mad_rs_ratio: float = 0.2
     learned_steps: int = 100_000
     learned_num_envs: int = 8
+    learned_time: float | str | None = None
+    learned_gamma: float = 0.999
+
+    @property
+    def learned_time_s(self) -> float | None:
+        """``learned_time`` in seconds (None when unset)."""
+        return None if self.learned_time is None else parse_duration(self.learned_time)
 
     @classmethod
     def from_section(cls, section: Any) -> AttackBudget:
@@ -360,6 +387,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif "float | str | None" in text:  # a duration: seconds or "10m"
+        ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        if ok:
+            parse_duration(value)
     elif "float | None" in text:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value

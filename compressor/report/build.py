@@ -175,6 +175,7 @@ def attack_runs(
                     "mean_tv": None if e.mean_tv is None else round(e.mean_tv, 4),
                     "eval_wall_s": round(e.wall_s, 1),
                     "training": e.training_summary(),
+                    **({"failed": why} if (why := suite.failed(name)) else {}),
                 }
             )
 

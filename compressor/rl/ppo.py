@@ -59,6 +59,10 @@ class PPOConfig:
     init_log_std: float = 0.0
     eval_episodes: int = 10
     eval_seed: int = 0
+    #: add ``γ·V(final obs)`` to the reward of a step cut by a time limit (not a termination)
+    bootstrap_truncation: bool = False
+    #: stop training after this many seconds (None: only ``total_steps``)
+    time_limit_s: float | None = None
 
 
 class RunningMeanStd:
@@ -182,7 +186,9 @@ class RolloutStream:
         gamma: float,
         norm_reward: bool,
         wrappers: list[dict[str, Any]] | None = None,
+        bootstrap_truncation: bool = False,
     ) -> None:
+        self.bootstrap_truncation = bootstrap_truncation
         dims = env_dims(env_id, env_kwargs, wrappers)
         self.discrete = bool(dims["discrete"])
         self.obs_dim, self.act_dim = int(dims["obs_dim"]), int(dims["act_dim"])
@@ -225,7 +231,7 @@ class RolloutStream:
                 val_b[t] = value(obs_t)
             obs[t], act[t], logp_b[t], done_b[t] = obs_t, a, logp, self.done
             env_a = a.numpy() if self.discrete else np.clip(a.numpy(), self.low, self.high)
-            self.raw_obs, rew, term, trunc, _ = self.envs.step(env_a)
+            self.raw_obs, rew, term, trunc, info = self.envs.step(env_a)
             self.step += n
             self.ep_ret += rew
             d_np = np.logical_or(term, trunc)
@@ -234,6 +240,8 @@ class RolloutStream:
                 self.ret_rms.update(self.disc_ret)
                 rew = np.clip(rew / np.sqrt(self.ret_rms.var + 1e-8), -10, 10)
             rew_b[t] = torch.as_tensor(rew, dtype=torch.float32)
+            if self.bootstrap_truncation:
+                rew_b[t] += self.gamma * self._truncated_values(value, term, trunc, info)
             self.done = torch.as_tensor(d_np, dtype=torch.float32)
             for i in np.flatnonzero(d_np):
                 self.recent = (self.recent + [float(self.ep_ret[i])])[-20:]
@@ -241,6 +249,25 @@ class RolloutStream:
                 self.ep_ret[i] = 0.0
         next_obs = torch.as_tensor(self.raw_obs, dtype=torch.float32)
         return Rollout(obs, act, logp_b, rew_b, done_b, val_b, next_obs, self.done, finished)
+
+    def _truncated_values(
+        self,
+        value: Callable[[torch.Tensor], torch.Tensor],
+        term: np.ndarray,
+        trunc: np.ndarray,
+        info: dict[str, Any],
+    ) -> torch.Tensor:
+        """``V(final obs)`` where a time limit (not a termination) ended the episode, else 0:
+        the episode would have gone on, so its value target must not treat the cut as an end."""
+        out = torch.zeros(self.n)
+        cut = np.flatnonzero(np.logical_and(trunc, np.logical_not(term)))
+        final = info.get("final_obs")
+        if len(cut) == 0 or final is None:
+            return out
+        x = torch.as_tensor(np.stack([final[i] for i in cut]), dtype=torch.float32)
+        with torch.no_grad():
+            out[torch.as_tensor(cut)] = value(x)
+        return out
 
     def recent_return(self) -> float:
         """Mean return of the last 20 finished episodes (nan before the first)."""
@@ -392,7 +419,13 @@ def train_ppo(
     params = list(policy.parameters()) + list(critic.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
     stream = RolloutStream(
-        cfg.env_id, cfg.env_kwargs, cfg.num_envs, cfg.seed, cfg.gamma, cfg.norm_reward
+        cfg.env_id,
+        cfg.env_kwargs,
+        cfg.num_envs,
+        cfg.seed,
+        cfg.gamma,
+        cfg.norm_reward,
+        bootstrap_truncation=cfg.bootstrap_truncation,
     )
     updates = max(1, cfg.total_steps // (cfg.num_envs * cfg.num_steps))
     t0 = time.perf_counter()
@@ -400,7 +433,11 @@ def train_ppo(
     def value(obs_t: torch.Tensor) -> torch.Tensor:
         return critic(policy.normalize(obs_t)).squeeze(-1)
 
+    stopped, done_updates = "steps", 0
     for update in range(updates):
+        if cfg.time_limit_s is not None and time.perf_counter() - t0 >= cfg.time_limit_s:
+            stopped = "time"
+            break
         if cfg.anneal_lr:
             opt.param_groups[0]["lr"] = cfg.lr * (1.0 - update / updates)
         # normalisation stats are updated from the raw obs while collecting
@@ -411,11 +448,14 @@ def train_ppo(
         progress(stream.step, cfg.total_steps, f"return {recent:.1f}")
         if on_update is not None:
             on_update(stream.step, recent)
+        done_updates = update + 1
     stream.close()
     _set_norm(policy, obs_rms)
     stats = {
         "env_steps": stream.step,
-        "updates": updates,
+        "updates": done_updates,
+        "planned_steps": updates * cfg.num_envs * cfg.num_steps,
+        "stopped": stopped,
         "wall_s": round(time.perf_counter() - t0, 1),
         "final_train_return": float(np.mean(stream.recent)) if stream.recent else None,
     }
