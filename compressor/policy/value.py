@@ -59,14 +59,7 @@ class ValueNet(nn.Module):
         if mlp_parameters([obs_dim, *hidden, 1]) > MAX_PARAMETERS:
             raise CompressorError(f"{origin}: critic entry describes an implausibly large network")
         net = cls(obs_dim, hidden, str(entry.get("activation", "tanh")))
-        try:
-            net.net.load_state_dict(entry["state_dict"], strict=True)
-        except (RuntimeError, TypeError, KeyError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
-            raise CompressorError(f"{origin}: critic weights do not match ({first})") from None
-        for name, t in net.state_dict().items():
-            if not torch.isfinite(t).all():
-                raise CompressorError(f"{origin}: critic tensor {name!r} contains NaN or inf")
+        _load_checked(net, entry, f"{origin}: critic")
         return net
 
     def to_entry(self) -> dict[str, Any]:
@@ -187,14 +180,7 @@ class QNet(nn.Module):
             ):
                 raise CompressorError(f"{origin}: Q-network entry has malformed action bounds")
         net = cls(obs_dim, act_dim, hidden, fields[3], str(kind), fields[1], action_input, *bounds)
-        try:
-            net.net.load_state_dict(entry["state_dict"], strict=True)
-        except (RuntimeError, TypeError, KeyError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
-            raise CompressorError(f"{origin}: Q-network weights do not match ({first})") from None
-        for name, t in net.state_dict().items():
-            if not torch.isfinite(t).all():
-                raise CompressorError(f"{origin}: Q-network tensor {name!r} contains NaN or inf")
+        _load_checked(net, entry, f"{origin}: Q-network")
         return net
 
     def to_entry(self) -> dict[str, Any]:
@@ -210,3 +196,19 @@ class QNet(nn.Module):
             "action_high": [float(x) for x in self.action_high],
             "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
         }
+
+
+def _load_checked(net: ValueNet | QNet, entry: dict[str, Any], what: str) -> None:
+    """Load ``entry["state_dict"]`` into ``net.net`` exactly, refusing non-finite tensors.
+
+    :param what: names the network in the one-line error (``"FILE: critic"``).
+    :raises CompressorError: missing, misshapen or NaN/inf weights.
+    """
+    try:
+        net.net.load_state_dict(entry["state_dict"], strict=True)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
+        raise CompressorError(f"{what} weights do not match ({first})") from None
+    for name, t in net.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise CompressorError(f"{what} tensor {name!r} contains NaN or inf")
