@@ -61,3 +61,20 @@ def shared_policies() -> Path:
     if not SHARED_POLICIES.is_dir():
         pytest.skip("../shared/policies is absent (real SB3 policies are only in the dev checkout)")
     return SHARED_POLICIES
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``compress argv`` in this process: its exit code, stdout and stderr."""
+    import sys
+
+    from compressor.cli.app import main
+
+    saved = sys.argv
+    sys.argv = ["compress", *argv]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main()
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    return int(stop.value.code or 0), out, err

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli_messages import cli
 
 from compressor.deploy.export import load_onnx_session, onnx_act
+from conftest import cli
 
 sb3 = pytest.importorskip("stable_baselines3")
 

@@ -16,26 +16,10 @@ from typing import Any
 
 import pytest
 
-from compressor.cli.app import main
-from conftest import REPO, make_policy
+from conftest import REPO, cli, make_policy
 
 CARTPOLE = str(REPO / "profiles" / "cartpole.pt")
 GOLDEN = REPO / "tests" / "data" / "golden_cartpole_report.json"
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``compress argv``: its exit code, stdout and stderr."""
-    import sys
-
-    saved = sys.argv
-    sys.argv = ["compress", *argv]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            main()
-    finally:
-        sys.argv = saved
-    out, err = capsys.readouterr()
-    return int(stop.value.code or 0), out, err
 
 
 def one_error(err: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from test_executor import _children, _survivors, needs_proc
 
-from conftest import REPO
+from conftest import REPO, cli
 
 CARTPOLE = str(REPO / "profiles" / "cartpole.pt")
 PROFILE = """
@@ -305,21 +305,6 @@ def test_read_only_run_directory_mid_run_is_one_line_and_resumes(
     assert _stable(json.loads(resumed.stdout)) == _stable(reference)
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``compress argv`` in this process: its exit code, stdout and stderr."""
-    from compressor.cli.app import main
-
-    saved = sys.argv
-    sys.argv = ["compress", *argv]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            main()
-    finally:
-        sys.argv = saved
-    out, err = capsys.readouterr()
-    return int(stop.value.code or 0), out, err
-
-
 def test_full_disk_mid_run_is_one_line_and_resumes(
     tiny: Path,
     reference: dict[str, Any],
@@ -353,7 +338,7 @@ def test_full_disk_mid_run_is_one_line_and_resumes(
 
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(os, "statvfs", statvfs)
-    code, stdout, stderr = _cli(_args(tiny, tmp_path, workers="1"), capsys)
+    code, stdout, stderr = cli(capsys, *_args(tiny, tmp_path, workers="1"))
     assert code == 3 and stdout == ""
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, stderr
@@ -362,7 +347,7 @@ def test_full_disk_mid_run_is_one_line_and_resumes(
     assert _intact(run) == 1 and not (run / "run.lock").exists()
 
     monkeypatch.undo()
-    code, stdout, stderr = _cli(_args(tiny, tmp_path, workers="1"), capsys)
+    code, stdout, stderr = cli(capsys, *_args(tiny, tmp_path, workers="1"))
     assert code == 0, stderr
     assert "1 candidate(s) already finished" in stderr
     assert _stable(json.loads(stdout)) == _stable(reference)
