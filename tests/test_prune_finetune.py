@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from compressor.certify.global_bound import certify_global
-from compressor.core.config import FinetuneConfig
+from compressor.core.config import FinetuneConfig, load_profile
 from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
-from compressor.finetune.distill import distill
+from compressor.core.pgd import pgd_in_ball
+from compressor.finetune.distill import _batches, distill
+from compressor.policy.model import Policy
 from compressor.policy.native import load_native, save_policy
 from compressor.prune.criteria import prune
 from conftest import make_policy
@@ -95,3 +97,67 @@ def test_preserve_certificate_keeps_the_bound_no_looser() -> None:
             # unconstrained fine-tuning moves weights past their dense magnitude: the reason
             # the option exists and the budget re-certifies every candidate
             assert not within
+
+
+def _ball_gap(student: Policy, teacher: Policy, x: torch.Tensor, th: ThreatModel) -> float:
+    """Mean over rows of the largest student–teacher divergence PGD finds in the ball."""
+    g = torch.Generator().manual_seed(7)
+    scale = th.scale(teacher)
+    adv = pgd_in_ball(lambda z: student.divergence(teacher(z), student(z)), x, scale, th, 10, g)
+    with torch.no_grad():
+        return float(student.divergence(teacher(adv), student(adv)).mean())
+
+
+@pytest.mark.parametrize("target", ["true", "perturbed"])
+def test_adversarial_rows_and_their_targets(target: str) -> None:
+    dense = make_policy("gaussian", hidden=(32, 32), act_dim=3, seed=2)
+    student = prune(dense, 0.7)
+    th = ThreatModel(0.3)
+    cfg = FinetuneConfig(
+        perturbed_fraction=0.0, adversarial_fraction=1.0, adversarial_target=target
+    )
+    batches = _batches(student, dense, _states(64), th, cfg, torch.Generator().manual_seed(0))
+    x = batches.x_all
+    with torch.no_grad():
+        at_x = dense(x)
+    seen, tgt = batches._perturb(x, at_x, th)
+    assert bool(((seen - x).abs() <= th.eps * batches.scale + 1e-6).all())  # inside the ball
+    assert not torch.equal(seen, x)
+    with torch.no_grad():
+        if target == "true":  # matched to the teacher at the true state
+            assert torch.equal(tgt, at_x)
+        else:  # matched to the teacher where PGD found student and teacher apart most
+            assert torch.allclose(tgt, dense(seen))
+            gap_seen = student.divergence(dense(seen), student(seen)).mean()
+            assert float(gap_seen) > float(student.divergence(at_x, student(x)).mean())
+
+
+def test_perturbed_targets_make_the_student_copy_the_teacher_inside_the_ball() -> None:
+    # visited states on a plane (the last two coordinates never move): clean rows alone
+    # never show the student how the teacher responds across it, the ball's rows do
+    dense = make_policy("gaussian", hidden=(32, 32), act_dim=3, seed=3)
+    th = ThreatModel(0.5)
+    states = _states()
+    states[:, 2:] = 0.0
+    x = torch.as_tensor(states[:128])
+    gaps = {}
+    for name, frac in (("clean", 0.0), ("perturbed", 0.5)):
+        student = prune(dense, 0.3)
+        cfg = FinetuneConfig(
+            steps=400,
+            perturbed_fraction=0.0,
+            adversarial_fraction=frac,
+            adversarial_target="perturbed",
+        )
+        distill(student, dense, states, th, cfg)
+        gaps[name] = _ball_gap(student, dense, x, th)
+    assert gaps["perturbed"] < 0.5 * gaps["clean"], gaps
+
+
+def test_a_bad_adversarial_target_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(CompressorError, match="adversarial_target"):
+        FinetuneConfig(adversarial_target="teacher")
+    toml = tmp_path / "p.toml"
+    toml.write_text('[env]\nid = "CartPole-v1"\n[finetune]\nadversarial_target = "x"\n')
+    with pytest.raises(CompressorError, match="adversarial_target"):
+        load_profile(str(toml))

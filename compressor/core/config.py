@@ -197,12 +197,22 @@ def check_finetune_settings(
         )
 
 
+#: ``[finetune] adversarial_target`` values (see :class:`FinetuneConfig`)
+ADVERSARIAL_TARGETS = ("true", "perturbed")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """:param steps: optimiser steps. :param batch_size: states per step. :param lr: Adam
     learning rate. :param perturbed_fraction: share of each batch perturbed in the ε-ball.
     :param adversarial_fraction: share of each batch attacked by PGD on the student.
     :param adversarial_steps: PGD steps of that attack.
+    :param adversarial_target: what the adversarial rows are matched to (one of
+        :data:`ADVERSARIAL_TARGETS`): ``true``, the teacher at the true state (the student is
+        pushed to be *more* robust than the teacher: SA-PPO's smoothness in distillation form),
+        or ``perturbed``, the teacher at the point PGD found where student and teacher differ
+        most (the student copies the teacher inside the ball, its robustness included, and no
+        row asks it to differ from the teacher anywhere).
     :param smoothness_weight: weight κ of SA-PPO's smoothness regulariser (0: off).
     :param preserve_certificate: project ``|w| ≤ |w_dense|`` after every step.
     :param dagger_rounds: rounds of rolling out the student and adding the states it visits
@@ -236,6 +246,7 @@ class FinetuneConfig:
     perturbed_fraction: float = 0.25
     adversarial_fraction: float = 0.25
     adversarial_steps: int = 3
+    adversarial_target: str = "true"
     smoothness_weight: float = 0.0
     preserve_certificate: bool = False
     dagger_rounds: int = 1
@@ -257,6 +268,11 @@ class FinetuneConfig:
     lost_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.adversarial_target not in ADVERSARIAL_TARGETS:
+            raise CompressorError(
+                f"finetune.adversarial_target must be one of {', '.join(ADVERSARIAL_TARGETS)}, "
+                f"not {self.adversarial_target!r}"
+            )
         check_finetune_settings(
             self.method, self.ppo_steps, self.ppo_num_envs, self.ppo_num_steps, self.ppo_minibatches
         )

@@ -86,17 +86,39 @@ class _Batches:
             target = torch.cat([self.teacher(seen[:n_noise]), target[n_noise:]])
         if self.n_adv:
             lo, hi = n_noise, n_noise + self.n_adv
-            tgt = target[lo:hi]
+            adv, tgt = self._adversarial(x[lo:hi], target[lo:hi], threat)
+            seen = torch.cat([seen[:lo], adv, seen[hi:]])
+            target = torch.cat([target[:lo], tgt, target[hi:]])
+        return seen, target
+
+    def _adversarial(
+        self, x: torch.Tensor, target: torch.Tensor, threat: ThreatModel
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adversarial rows and their targets (``cfg.adversarial_target``): ``true``, the
+        point maximising the student's divergence from the teacher's action at the true state,
+        matched to that action; ``perturbed``, the point where student and teacher differ
+        most, matched to the teacher there."""
+        student, teacher, steps = self.student, self.teacher, self.cfg.adversarial_steps
+        if self.cfg.adversarial_target == "true":
             adv = pgd_in_ball(
-                lambda z: self.student.divergence(tgt, self.student(z)),
-                x[lo:hi],
+                lambda z: student.divergence(target, student(z)),
+                x,
                 self.scale,
                 threat,
-                self.cfg.adversarial_steps,
-                g,
+                steps,
+                self.generator,
             )
-            seen = torch.cat([seen[:lo], adv, seen[hi:]])
-        return seen, target
+            return adv, target
+        adv = pgd_in_ball(
+            lambda z: student.divergence(teacher(z), student(z)),
+            x,
+            self.scale,
+            threat,
+            steps,
+            self.generator,
+        )
+        with torch.no_grad():
+            return adv, teacher(adv)
 
 
 def _batches(
