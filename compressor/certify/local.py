@@ -336,6 +336,44 @@ def _first_step(
     return lower[0], lower[1], upper[0], upper[1]
 
 
+def _first_step32(
+    coef: Tensor,
+    bias: Tensor,
+    relax: tuple[Tensor, Tensor, Tensor, Tensor],
+    w: Tensor,
+    b: Tensor,
+    ibp: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_first_step` (few rows) with the product ``(coef·diag(slope)) @ w`` in float32,
+    for a layer whose input ``a`` is a hidden activation; ``ibp``: ``(a_c, w @ a_c, |w| @ a_r)``
+    for the centre ``a_c`` and half-width ``a_r`` of its bounds (IBP's own products).
+
+    The computed coefficients ``λ̃`` are bounded downstream as they are; the true function
+    differs by ``(λ - λ̃)·a = (λ - λ̃)·a_c + (λ - λ̃)·(a - a_c)`` with ``a_c`` the centre of
+    ``act``: the first term is computed (``λ·a_c`` exactly as ``coef @ (slope * (w @ a_c))`` in
+    float64) and the second is at most ``γ·|coef| @ (|slope| * (|w| @ a_r))`` (``a_r`` the
+    half-width, γ as in :func:`_input_crown32`); both go into the constants.
+    """
+    al, bl, au, bu = relax
+    a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
+    mag = coef.abs()
+    c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
+    w32 = w.to(torch.float32)
+    lam_m = (coef.to(torch.float32) * a_m.to(torch.float32)[:, None, :]) @ w32
+    lam_d = (mag.to(torch.float32) * a_d.to(torch.float32)[:, None, :]) @ w32
+    lam_l, lam_u = (lam_m - lam_d).to(torch.float64), lam_m.add_(lam_d).to(torch.float64)
+    a_c, h, spread = ibp
+    # exact λ·a_c (+ intercepts) for the mid line; the half-gap line's plus the margin (both
+    # multiply |coef|, and both widen the bound)
+    mid_line = (c_m + a_m * h) @ coef.T + bias
+    margin = _gamma(w.shape[0] + 5) * (a_m.abs() + a_d.abs()) * spread
+    gap_line = (c_d + a_d * h + margin) @ mag.T
+    # constants such that λ̃·a + const bounds the true function for every a in its bounds
+    c_l = mid_line - gap_line - _dot(lam_l, a_c)
+    c_u = mid_line + gap_line - _dot(lam_u, a_c)
+    return lam_l, c_l, lam_u, c_u
+
+
 # ---- the float32 back-substitution onto the input, with its rounding-error margin ----------------
 _U32 = 2.0**-24  # float32's unit roundoff
 
@@ -389,15 +427,16 @@ def _input_crown32(
     slope_abs = a_m.abs() + a_d.abs()
     w_abs = w.abs()
 
-    def side(centre: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def side(centre: Tensor, r: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor]:
         # the constants plus L·centre (float64; intercepts after substituting h = w z + b), and
         # the margin for r (B, n_in) or (n_in,), r ≥ 0
         h = centre @ w.T + b  # (B, n_h): h at the centre
         mid_line = (0.5 * (bu + bl) + a_m * h) @ coef.T + bias
-        gap_line = (0.5 * (bu - bl) + a_d * h) @ mag.T
         r_rows = r if r.ndim == 2 else r.expand(nb, -1)
-        margin = _gamma(n_h + 5) * ((slope_abs * (r_rows @ w_abs.T)) @ mag.T)
-        return mid_line - gap_line, mid_line + gap_line, margin
+        margin = _gamma(n_h + 5) * slope_abs * (r_rows @ w_abs.T) * scale
+        # the half-gap line and the margin both multiply |coef| and both widen: one product
+        gap_line = (0.5 * (bu - bl) + a_d * h + margin) @ mag.T
+        return mid_line - gap_line, mid_line + gap_line
 
     def spread(lam: Tensor, r: Tensor, n_terms: int) -> Tensor:
         # Σ_j |L̃_ij| r_j over (n_out, n_in, B), r (B, n_in) ≥ 0 rounded up; widened for the sum
@@ -405,18 +444,18 @@ def _input_crown32(
         return total * (1.0 + 2.0 * _gamma(n_terms))
 
     rad = 0.5 * (inp.hi - inp.lo)
-    low, high, margin = side(0.5 * (inp.lo + inp.hi), rad)
-    lower = low - spread(lam_l, rad, n_in + 2) - margin
-    upper = high + spread(lam_u, rad, n_in + 2) + margin
+    low, high = side(0.5 * (inp.lo + inp.hi), rad, 1.0)
+    lower = low - spread(lam_l, rad, n_in + 2)
+    upper = high + spread(lam_u, rad, n_in + 2)
     if inp.norm == "2":
         # ±ε‖L ⊙ N‖₂ around the clean input: ‖L ⊙ N‖ ≤ ‖L̃ ⊙ N‖ + ‖(L - L̃) ⊙ N‖₁
-        low, high, margin = side(inp.center, inp.radius)
+        low, high = side(inp.center, inp.radius, inp.eps)
         n32 = _up32(inp.radius)[None, :, None]
         grow = 1.0 + 2.0 * _gamma(n_in + 4)
         norm_l = torch.linalg.vector_norm(lam_l * n32, dim=1).T.to(torch.float64) * grow
         norm_u = torch.linalg.vector_norm(lam_u * n32, dim=1).T.to(torch.float64) * grow
-        lower = torch.maximum(lower, low - inp.eps * (norm_l + margin))
-        upper = torch.minimum(upper, high + inp.eps * (norm_u + margin))
+        lower = torch.maximum(lower, low - inp.eps * norm_l)
+        upper = torch.minimum(upper, high + inp.eps * norm_u)
     return lower, upper
 
 
@@ -428,16 +467,23 @@ def _crown(
     biases: list[Tensor],
     relax: list[tuple[Tensor, Tensor, Tensor, Tensor]],
     inp: _InputSet,
-    fast: bool = False,
+    ibp: list[tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Bounds of ``coef·a_top + bias`` over the input set (``top = -1``: ``coef`` acts on z;
-    ``fast``: the back-substitution onto the input of a wide layer in float32, widened by its
-    rounding-error bound, :func:`_input_crown32`)."""
+    """Bounds of ``coef·a_top + bias`` over the input set (``top = -1``: ``coef`` acts on z).
+
+    ``ibp`` (the fast path): per layer ``j ≥ 1``, IBP's ``(a_c, W_j a_c, |W_j| a_r)`` of its
+    input's bounds (entry 0 unused); the first step's product
+    is then computed in float32 and widened by its rounding-error bound
+    (:func:`_input_crown32` onto the input, :func:`_first_step32` onto a hidden layer)."""
     if top < 0:
         return _concretize(coef, bias, inp)
-    if top == 0 and fast and coef.shape[0] > weights[0].shape[1]:
+    if ibp is not None and top == 0 and coef.shape[0] > weights[0].shape[1]:
         return _input_crown32(coef, bias, relax[0], weights[0], biases[0], inp)
-    lam_l, c_l, lam_u, c_u = _first_step(coef, bias, relax[top], weights[top], biases[top])
+    if ibp is not None and top > 0 and coef.shape[0] <= weights[top].shape[1]:
+        step = _first_step32(coef, bias, relax[top], weights[top], biases[top], ibp[top])
+    else:
+        step = _first_step(coef, bias, relax[top], weights[top], biases[top])
+    lam_l, c_l, lam_u, c_u = step
     for j in range(top - 1, -1, -1):
         al, bl, au, bu = relax[j]
         lam_u, c_u = _step(lam_u, c_u, (au, bu), (al, bl), weights[j], biases[j])
@@ -473,37 +519,34 @@ def _bound_chunk(
     relax: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     slopes: list[Tensor] = []
     lo, hi = _crown(weights[0], biases[0], -1, weights, biases, relax, inp)
-    a_lo, a_hi = lo, hi
-    for j in range(n_layers - 1):  # hidden pre-activations h_j
-        if j > 0:
-            mid, rad = 0.5 * (a_lo + a_hi), 0.5 * (a_hi - a_lo)
-            ibp_mid, ibp_rad = mid @ weights[j].T + biases[j], rad @ weights[j].abs().T
-            lo, hi = ibp_mid - ibp_rad, ibp_mid + ibp_rad
-            if method == "crown":
-                c_lo, c_hi = _crown(weights[j], biases[j], j - 1, weights, biases, relax, inp, fast)
-                if intersect:
-                    lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
-                else:
-                    lo, hi = c_lo, c_hi
+    # per layer j ≥ 1: IBP's (a_c, W_j a_c, |W_j| a_r) of its input's bounds (entry 0 unused)
+    ibp: list[tuple[Tensor, Tensor, Tensor]] = [(lo, lo, lo)]
+    fast_ibp = ibp if fast else None
+    for j in range(1, n_layers):  # pre-activations h_j (the last one: the head)
         a_lo, a_hi = _act(name, lo), _act(name, hi)  # σ is monotone
         if method == "crown":  # IBP needs no lines
             relax.append(_relax(name, lo, hi, a_lo, a_hi))
         if need_q:
             slopes.append(_max_slope(name, lo, hi))
+        a_c = 0.5 * (a_lo + a_hi)
+        ibp.append((a_c, a_c @ weights[j].T, 0.5 * (a_hi - a_lo) @ weights[j].abs().T))
+        lo, hi = ibp[j][1] + biases[j] - ibp[j][2], ibp[j][1] + biases[j] + ibp[j][2]
+        if method == "crown" and j < n_layers - 1:
+            c_lo, c_hi = _crown(weights[j], biases[j], j - 1, weights, biases, relax, inp, fast_ibp)
+            if intersect:
+                lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
+            else:
+                lo, hi = c_lo, c_hi
 
     w_out, b_out = weights[-1], biases[-1]
     k = w_out.shape[0]
-    if n_layers == 1:
-        out_lo, out_hi = lo, hi  # the first (and only) layer is the head
-    else:
-        mid, rad = 0.5 * (a_lo + a_hi) @ w_out.T + b_out, 0.5 * (a_hi - a_lo) @ w_out.abs().T
-        out_lo, out_hi = mid - rad, mid + rad
+    out_lo, out_hi = lo, hi  # IBP's head bounds (or the first and only layer's)
     pair_hi = None
     if policy.spec.head in DISCRETE_HEADS:
         pair_hi = out_hi[:, :, None] - out_lo[:, None, :]
     if method == "crown":
         if n_layers > 1:
-            c_lo, c_hi = _crown(w_out, b_out, n_layers - 2, weights, biases, relax, inp, fast)
+            c_lo, c_hi = _crown(w_out, b_out, n_layers - 2, weights, biases, relax, inp, fast_ibp)
             if intersect:
                 out_lo, out_hi = torch.maximum(out_lo, c_lo), torch.minimum(out_hi, c_hi)
             else:
@@ -513,7 +556,7 @@ def _bound_chunk(
             eye = torch.eye(k, dtype=w_out.dtype)
             spec = (eye[:, None, :] - eye[None, :, :]).reshape(k * k, k)
             top = n_layers - 2
-            _, p_hi = _crown(spec @ w_out, spec @ b_out, top, weights, biases, relax, inp, fast)
+            _, p_hi = _crown(spec @ w_out, spec @ b_out, top, weights, biases, relax, inp, fast_ibp)
             p_hi = p_hi.reshape(-1, k, k)
             pair_hi = torch.minimum(pair_hi, p_hi) if intersect else p_hi
 
