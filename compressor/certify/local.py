@@ -286,28 +286,37 @@ def _concretize(lam: Tensor, const: Tensor, inp: _InputSet) -> tuple[Tensor, Ten
 
 
 # ---- CROWN backward pass ----------------------------------------------------------------------
-def _step(
-    lam: Tensor,
-    const: Tensor,
-    relax_pos: tuple[Tensor, Tensor],
-    relax_neg: tuple[Tensor, Tensor],
+def _step_pair(
+    lam_l: Tensor,
+    c_l: Tensor,
+    lam_u: Tensor,
+    c_u: Tensor,
+    relax: tuple[Tensor, Tensor, Tensor, Tensor],
     w: Tensor,
     b: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Move a per-state linear bound ``lam·a_j + const`` through ``a_j = σ(h_j)``,
-    ``h_j = W a_{j-1} + b``: positive coefficients take ``relax_pos`` (the upper line, for an
-    upper bound), negative ones ``relax_neg``.
-    """
-    (a_p, b_p), (a_n, b_n) = relax_pos, relax_neg
-    pos, neg = lam.clamp_min(0.0), lam.clamp_max(0.0)
-    const = const + _dot(pos, b_p + a_p * b) + _dot(neg, b_n + a_n * b)
-    return (pos * a_p[:, None, :] + neg * a_n[:, None, :]) @ w, const
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Move per-state linear bounds ``lam·a_j + const`` (lower and upper, each (B, K, n))
+    through ``a_j = σ(h_j)``, ``h_j = W a_{j-1} + b``: for the upper bound positive coefficients
+    take the upper line and negative ones the lower, ``pos·upper + neg·lower = lam·m + |lam|·d``
+    with ``m``, ``d`` the mid and half-gap lines; the lower bound flips the sign of ``d``."""
+    al, bl, au, bu = relax
+    a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
+    c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
+    k = lam_l.shape[1]
+    lam = torch.cat([lam_l, lam_u], dim=1)  # (B, 2K, n)
+    mag = lam.abs()
+    sign = torch.ones(1, 2 * k, 1, dtype=lam.dtype)
+    sign[:, :k] = -1.0
+    mag.mul_(sign)  # -|lam| for the lower rows, +|lam| for the upper
+    const = torch.bmm(lam, c_m[:, :, None]) + torch.bmm(mag, c_d[:, :, None])  # (B, 2K, 1)
+    new = (lam.mul_(a_m[:, None, :]).add_(mag.mul_(a_d[:, None, :]))) @ w
+    return new[:, :k], c_l + const[:, :k, 0], new[:, k:], c_u + const[:, k:, 0]
 
 
 def _first_step(
     coef: Tensor, bias: Tensor, relax: tuple[Tensor, Tensor, Tensor, Tensor], w: Tensor, b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_step` for the shared (state-independent) starting coefficients, both sides at once.
+    """:func:`_step_pair` for the shared (state-independent) starting coefficients, both sides.
 
     With ``m = (upper + lower)/2`` and ``d = (upper - lower)/2`` lines, ``pos·upper + neg·lower =
     coef·m + |coef|·d`` and the lower bound flips the sign of the second term: two products
@@ -438,15 +447,15 @@ def _input_crown32(
         gap_line = (0.5 * (bu - bl) + a_d * h + margin) @ mag.T
         return mid_line - gap_line, mid_line + gap_line
 
-    def spread(lam: Tensor, r: Tensor, n_terms: int) -> Tensor:
-        # Σ_j |L̃_ij| r_j over (n_out, n_in, B), r (B, n_in) ≥ 0 rounded up; widened for the sum
-        total = (lam * _up32(r).T.contiguous()[None]).sum(1).T.to(torch.float64)
-        return total * (1.0 + 2.0 * _gamma(n_terms))
+    def spread(lam: Tensor, r32: Tensor) -> Tensor:
+        # Σ_j |L̃_ij| r_j over (n_out, n_in, B), r32 (1, n_in, B) ≥ r rounded up; widened for
+        # the float32 sum of non-negative terms
+        return (lam * r32).sum(1).T.to(torch.float64) * (1.0 + 2.0 * _gamma(n_in + 2))
 
     rad = 0.5 * (inp.hi - inp.lo)
     low, high = side(0.5 * (inp.lo + inp.hi), rad, 1.0)
-    lower = low - spread(lam_l, rad, n_in + 2)
-    upper = high + spread(lam_u, rad, n_in + 2)
+    rad32 = _up32(rad).T.contiguous()[None]
+    lower, upper = low - spread(lam_l, rad32), high + spread(lam_u, rad32)
     if inp.norm == "2":
         # ±ε‖L ⊙ N‖₂ around the clean input: ‖L ⊙ N‖ ≤ ‖L̃ ⊙ N‖ + ‖(L - L̃) ⊙ N‖₁
         low, high = side(inp.center, inp.radius, inp.eps)
@@ -485,9 +494,7 @@ def _crown(
         step = _first_step(coef, bias, relax[top], weights[top], biases[top])
     lam_l, c_l, lam_u, c_u = step
     for j in range(top - 1, -1, -1):
-        al, bl, au, bu = relax[j]
-        lam_u, c_u = _step(lam_u, c_u, (au, bu), (al, bl), weights[j], biases[j])
-        lam_l, c_l = _step(lam_l, c_l, (al, bl), (au, bu), weights[j], biases[j])
+        lam_l, c_l, lam_u, c_u = _step_pair(lam_l, c_l, lam_u, c_u, relax[j], weights[j], biases[j])
     lower, _ = _concretize(lam_l, c_l, inp)
     _, upper = _concretize(lam_u, c_u, inp)
     return lower, upper
