@@ -4,6 +4,7 @@ all measured in one run of this script (ratios, so a shared machine's load hits 
     python benchmarks/suite.py                       # everything (about 20 min on 2 cores)
     python benchmarks/suite.py --skip-runs           # without the two `compress run` jobs
     python benchmarks/suite.py --only throughput --baseline fc1a109   # before/after, one run
+    python benchmarks/suite.py --only throughput rates --baseline 75b8e1c   # sections 1 and 2
     python benchmarks/suite.py --json suite.json     # also write the numbers as JSON
 
 1. Throughput, same env count: clean evaluation / raw simulator and MAD-attacked evaluation /
@@ -465,14 +466,14 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--bound-states", type=int, default=2000)
     sections = ["throughput", "rates", "scaling", "executors", "runs"]
-    ap.add_argument("--only", choices=sections, help="run one section only")
+    ap.add_argument("--only", choices=sections, nargs="+", help="run these sections only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {"throughput": []}
 
     def wanted(section: str) -> bool:
-        return args.only in (None, section)
+        return args.only is None or section in args.only
 
     if wanted("throughput"):
         print_throughput(args, results)

@@ -287,30 +287,25 @@ def _concretize(lam: Tensor, const: Tensor, inp: _InputSet) -> tuple[Tensor, Ten
 
 # ---- CROWN backward pass ----------------------------------------------------------------------
 def _step_pair(
-    lam_l: Tensor,
-    c_l: Tensor,
-    lam_u: Tensor,
-    c_u: Tensor,
+    lam: Tensor,
+    const: Tensor,
     relax: tuple[Tensor, Tensor, Tensor, Tensor],
     w: Tensor,
     b: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Move per-state linear bounds ``lam·a_j + const`` (lower and upper, each (B, K, n))
-    through ``a_j = σ(h_j)``, ``h_j = W a_{j-1} + b``: for the upper bound positive coefficients
-    take the upper line and negative ones the lower, ``pos·upper + neg·lower = lam·m + |lam|·d``
-    with ``m``, ``d`` the mid and half-gap lines; the lower bound flips the sign of ``d``."""
+) -> tuple[Tensor, Tensor]:
+    """Move per-state linear bounds ``lam·a_j + const`` through ``a_j = σ(h_j)``,
+    ``h_j = W a_{j-1} + b``: ``lam`` (B, 2K, n) holds K lower bounds, then K upper ones. For an
+    upper bound positive coefficients take the upper line and negative ones the lower,
+    ``pos·upper + neg·lower = lam·m + |lam|·d`` with ``m``, ``d`` the mid and half-gap lines;
+    a lower bound flips the sign of ``d``."""
     al, bl, au, bu = relax
     a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
     c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
-    k = lam_l.shape[1]
-    lam = torch.cat([lam_l, lam_u], dim=1)  # (B, 2K, n)
+    k = lam.shape[1] // 2
     mag = lam.abs()
-    sign = torch.ones(1, 2 * k, 1, dtype=lam.dtype)
-    sign[:, :k] = -1.0
-    mag.mul_(sign)  # -|lam| for the lower rows, +|lam| for the upper
-    const = torch.bmm(lam, c_m[:, :, None]) + torch.bmm(mag, c_d[:, :, None])  # (B, 2K, 1)
-    new = (lam.mul_(a_m[:, None, :]).add_(mag.mul_(a_d[:, None, :]))) @ w
-    return new[:, :k], c_l + const[:, :k, 0], new[:, k:], c_u + const[:, k:, 0]
+    mag[:, :k].neg_()  # -|lam| for the lower rows, +|lam| for the upper
+    const = const + (torch.bmm(lam, c_m[:, :, None]) + torch.bmm(mag, c_d[:, :, None]))[..., 0]
+    return (lam * a_m[:, None, :]).add_(mag.mul_(a_d[:, None, :])) @ w, const
 
 
 def _first_step(
@@ -352,25 +347,26 @@ def _first_step32(
     w: Tensor,
     b: Tensor,
     ibp: tuple[Tensor, Tensor, Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """:func:`_first_step` (few rows) with the product ``(coef·diag(slope)) @ w`` in float32,
     for a layer whose input ``a`` is a hidden activation; ``ibp``: ``(a_c, w @ a_c, |w| @ a_r)``
     for the centre ``a_c`` and half-width ``a_r`` of its bounds (IBP's own products).
 
-    The computed coefficients ``λ̃`` are bounded downstream as they are; the true function
-    differs by ``(λ - λ̃)·a = (λ - λ̃)·a_c + (λ - λ̃)·(a - a_c)`` with ``a_c`` the centre of
-    ``act``: the first term is computed (``λ·a_c`` exactly as ``coef @ (slope * (w @ a_c))`` in
-    float64) and the second is at most ``γ·|coef| @ (|slope| * (|w| @ a_r))`` (``a_r`` the
-    half-width, γ as in :func:`_input_crown32`); both go into the constants.
+    Returns the K lower bounds' and then the K upper bounds' coefficients (B, 2K, n) and
+    constants (B, 2K). The computed coefficients ``λ̃`` are bounded downstream as they are;
+    the true function differs by ``(λ - λ̃)·a = (λ - λ̃)·a_c + (λ - λ̃)·(a - a_c)``: the first
+    term is computed (``λ·a_c`` exactly as ``coef @ (slope * (w @ a_c))`` in float64) and the
+    second is at most ``γ·|coef| @ (|slope| * (|w| @ a_r))`` (γ as in :func:`_input_crown32`);
+    both go into the constants.
     """
     al, bl, au, bu = relax
     a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
     mag = coef.abs()
     c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
-    w32 = w.to(torch.float32)
-    lam_m = (coef.to(torch.float32) * a_m.to(torch.float32)[:, None, :]) @ w32
-    lam_d = (mag.to(torch.float32) * a_d.to(torch.float32)[:, None, :]) @ w32
-    lam_l, lam_u = (lam_m - lam_d).to(torch.float64), lam_m.add_(lam_d).to(torch.float64)
+    # the lower rows' and the upper rows' coefficients on a, (B, 2K, n_j), in one product
+    mid, gap = coef * a_m[:, None, :], mag * a_d[:, None, :]
+    rows = torch.cat([mid - gap, mid.add_(gap)], dim=1).to(torch.float32)
+    lam = (rows @ w.to(torch.float32)).to(torch.float64)
     a_c, h, spread = ibp
     # exact λ·a_c (+ intercepts) for the mid line; the half-gap line's plus the margin (both
     # multiply |coef|, and both widen the bound)
@@ -378,9 +374,8 @@ def _first_step32(
     margin = _gamma(w.shape[0] + 5) * (a_m.abs() + a_d.abs()) * spread
     gap_line = (c_d + a_d * h + margin) @ mag.T
     # constants such that λ̃·a + const bounds the true function for every a in its bounds
-    c_l = mid_line - gap_line - _dot(lam_l, a_c)
-    c_u = mid_line + gap_line - _dot(lam_u, a_c)
-    return lam_l, c_l, lam_u, c_u
+    const = torch.cat([mid_line - gap_line, mid_line + gap_line], dim=1)
+    return lam, const - torch.bmm(lam, a_c[:, :, None])[..., 0]
 
 
 # ---- the float32 back-substitution onto the input, with its rounding-error margin ----------------
@@ -491,12 +486,14 @@ def _crown(
     if ibp is not None and top > 0 and coef.shape[0] <= weights[top].shape[1]:
         step = _first_step32(coef, bias, relax[top], weights[top], biases[top], ibp[top])
     else:
-        step = _first_step(coef, bias, relax[top], weights[top], biases[top])
-    lam_l, c_l, lam_u, c_u = step
+        lam_l, c_l, lam_u, c_u = _first_step(coef, bias, relax[top], weights[top], biases[top])
+        step = torch.cat([lam_l, lam_u], dim=1), torch.cat([c_l, c_u], dim=1)
+    lam, const = step
     for j in range(top - 1, -1, -1):
-        lam_l, c_l, lam_u, c_u = _step_pair(lam_l, c_l, lam_u, c_u, relax[j], weights[j], biases[j])
-    lower, _ = _concretize(lam_l, c_l, inp)
-    _, upper = _concretize(lam_u, c_u, inp)
+        lam, const = _step_pair(lam, const, relax[j], weights[j], biases[j])
+    k = lam.shape[1] // 2
+    lower, _ = _concretize(lam[:, :k], const[:, :k], inp)
+    _, upper = _concretize(lam[:, k:], const[:, k:], inp)
     return lower, upper
 
 
