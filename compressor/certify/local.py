@@ -364,9 +364,10 @@ def _first_step32(
     mag = coef.abs()
     c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
     # the lower rows' and the upper rows' coefficients on a, (B, 2K, n_j), in one product
-    mid, gap = coef * a_m[:, None, :], mag * a_d[:, None, :]
-    rows = torch.cat([mid - gap, mid.add_(gap)], dim=1).to(torch.float32)
-    lam = (rows @ w.to(torch.float32)).to(torch.float64)
+    f32 = torch.float32
+    mid = coef.to(f32) * a_m.to(f32)[:, None, :]
+    gap = mag.to(f32) * a_d.to(f32)[:, None, :]
+    lam = (torch.cat([mid - gap, mid.add_(gap)], dim=1) @ w.to(f32)).to(torch.float64)
     a_c, h, spread = ibp
     # exact λ·a_c (+ intercepts) for the mid line; the half-gap line's plus the margin (both
     # multiply |coef|, and both widen the bound)
