@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -201,6 +202,20 @@ def _bounds_rates(
     return len(states) / wall, len(states) / cpu
 
 
+def _fast_vs_precise(policy: Policy, states: np.ndarray, threat: ThreatModel) -> dict:
+    """CROWN's default bounds against its all-float64 ones (``precise=True``), where this
+    tree's ``output_bounds`` has the switch: the largest width ratio and outward move."""
+    if "precise" not in inspect.signature(output_bounds).parameters:
+        return {}
+    lo, hi = output_bounds(policy, states, threat)
+    p_lo, p_hi = output_bounds(policy, states, threat, precise=True)
+    width = p_hi - p_lo
+    return {
+        "crown_width_over_float64_max": round(float(((hi - lo) / width).max()), 6),
+        "crown_outward_over_width_max": float(torch.maximum(p_lo - lo, hi - p_hi).div(width).max()),
+    }
+
+
 def rates(policy_path: str, env_id: str, eps: float, ft_steps: int, n_states: int) -> dict:
     """Fine-tuning steps per second and CROWN / IBP bounds per second on the reference policy
     (bounds: best of 3, by wall clock and by CPU time)."""
@@ -211,6 +226,7 @@ def rates(policy_path: str, env_id: str, eps: float, ft_steps: int, n_states: in
     crown = _bounds_rates(policy, states, threat, "crown", repeat=3)
     ibp = _bounds_rates(policy, states, threat, "ibp", repeat=3)
     return {
+        **_fast_vs_precise(policy, states, threat),
         "finetune_steps": ft_steps,
         "finetune_steps_per_s": round(_distill_rate(policy, states, threat, ft_steps), 1),
         "bound_states": n_states,
@@ -422,6 +438,13 @@ def rates_lines(label: str, r: dict) -> str:
         f"{r['ibp_states_per_s']:.0f} states/s\n"
         f"     by CPU time: CROWN {crown_cpu:.0f} states/s (10,000 in {10_000 / crown_cpu:.2f} s), "
         f"IBP {cpu.get('ibp_states_per_s', float('nan')):.0f} states/s"
+        + (
+            f"\n     CROWN vs its float64 bounds: widths at most "
+            f"{r['crown_width_over_float64_max']:.6f}×, moved outward by at most "
+            f"{r['crown_outward_over_width_max']:.2e} of the width"
+            if "crown_width_over_float64_max" in r
+            else ""
+        )
     )
 
 
