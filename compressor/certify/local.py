@@ -373,7 +373,7 @@ def _first_step32(
     # multiply |coef|, and both widen the bound)
     mid_line = (c_m + a_m * h) @ coef.T + bias
     margin = _gamma(w.shape[0] + 5) * (a_m.abs() + a_d.abs()) * spread
-    gap_line = (c_d + a_d * h + margin) @ mag.T
+    gap_line = (c_d + a_d * h + margin) @ mag.T + _UNDERFLOW
     # constants such that λ̃·a + const bounds the true function for every a in its bounds
     const = torch.cat([mid_line - gap_line, mid_line + gap_line], dim=1)
     return lam, const - torch.bmm(lam, a_c[:, :, None])[..., 0]
@@ -381,6 +381,10 @@ def _first_step32(
 
 # ---- the float32 back-substitution onto the input, with its rounding-error margin ----------------
 _U32 = 2.0**-24  # float32's unit roundoff
+# absolute slack for underflow: γ_n bounds relative errors only while no product or partial sum
+# falls below float32's normal range (each subnormal or flushed result adds at most 2^-126); the
+# float32 products here are of weights and slopes of size ~1, so 1e-30 covers any count of those
+_UNDERFLOW = 1e-30
 
 
 def _gamma(n: int) -> float:
@@ -451,7 +455,8 @@ def _input_crown32(
     rad = 0.5 * (inp.hi - inp.lo)
     low, high = side(0.5 * (inp.lo + inp.hi), rad, 1.0)
     rad32 = _up32(rad).T.contiguous()[None]
-    lower, upper = low - spread(lam_l, rad32), high + spread(lam_u, rad32)
+    lower = low - spread(lam_l, rad32) - _UNDERFLOW
+    upper = high + spread(lam_u, rad32) + _UNDERFLOW
     if inp.norm == "2":
         # ±ε‖L ⊙ N‖₂ around the clean input: ‖L ⊙ N‖ ≤ ‖L̃ ⊙ N‖ + ‖(L - L̃) ⊙ N‖₁
         low, high = side(inp.center, inp.radius, inp.eps)
@@ -459,8 +464,8 @@ def _input_crown32(
         grow = 1.0 + 2.0 * _gamma(n_in + 4)
         norm_l = torch.linalg.vector_norm(lam_l * n32, dim=1).T.to(torch.float64) * grow
         norm_u = torch.linalg.vector_norm(lam_u * n32, dim=1).T.to(torch.float64) * grow
-        lower = torch.maximum(lower, low - inp.eps * norm_l)
-        upper = torch.minimum(upper, high + inp.eps * norm_u)
+        lower = torch.maximum(lower, low - inp.eps * norm_l - _UNDERFLOW)
+        upper = torch.minimum(upper, high + inp.eps * norm_u + _UNDERFLOW)
     return lower, upper
 
 
