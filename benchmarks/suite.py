@@ -4,6 +4,7 @@ all measured in one run of this script (ratios, so a shared machine's load hits 
     python benchmarks/suite.py                       # everything (about 20 min on 2 cores)
     python benchmarks/suite.py --skip-runs           # without the two `compress run` jobs
     python benchmarks/suite.py --only throughput --baseline fc1a109   # before/after, one run
+    python benchmarks/suite.py --only throughput rates --baseline 75b8e1c   # sections 1 and 2
     python benchmarks/suite.py --json suite.json     # also write the numbers as JSON
 
 1. Throughput, same env count: clean evaluation / raw simulator and MAD-attacked evaluation /
@@ -13,7 +14,8 @@ all measured in one run of this script (ratios, so a shared machine's load hits 
    temporary git worktree, in a subprocess, right before the current code's), so the old and
    the new path's ratios come from the same run.
 2. Rates: fine-tuning (distillation) steps per second and CROWN (and IBP) bounds per second on
-   the reference policy, one thread.
+   the reference policy, one thread (bounds: best of 3, by wall clock and by CPU time; with
+   ``--baseline REV`` also on REV's code, right before).
 3. Scaling: wall time of evaluation, MAD-attacked evaluation, CROWN certification and
    distillation as the network grows (64², 256², 1024² hidden, random weights on the env's
    shapes) and, for the two that simulate, as the env count grows (1, 16, 64).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -131,24 +134,21 @@ def worktree(rev: str) -> Iterator[Path]:
         )  # fmt: skip
 
 
-def baseline_throughput(
-    tree: Path, policy_path: str, env_id: str, eps: float, num_envs: int, episodes: int
-) -> dict:
-    """:func:`throughput`, this very function, run on the ``compressor`` package of ``tree``
-    (a subprocess with that tree first on its path; the tree must have this layout: a365a3e
-    or later)."""
+def on_baseline(tree: Path, function: str, *args: str | float | int) -> dict:
+    """``function(*args)`` of this very module (:func:`throughput` or :func:`rates`), run on
+    the ``compressor`` package of ``tree`` (a subprocess with that tree first on its path; the
+    tree must have this layout: a365a3e or later)."""
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import suite; "
-        "print(json.dumps(suite.throughput(sys.argv[2], sys.argv[3], float(sys.argv[4]), "
-        "int(sys.argv[5]), int(sys.argv[6]))))"
+        "f = getattr(suite, sys.argv[2]); a = json.loads(sys.argv[3]); "
+        "print(json.dumps(f(*a)))"
     )
-    args = [str(REPO / "benchmarks"), policy_path, env_id, str(eps), str(num_envs), str(episodes)]
     r = subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, "-c", code, str(REPO / "benchmarks"), function, json.dumps(args)],
         cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
     )  # fmt: skip
     if r.returncode != 0:
-        raise SystemExit(f"baseline throughput failed: {r.stderr.strip()[-600:]}")
+        raise SystemExit(f"baseline {function} failed: {r.stderr.strip()[-600:]}")
     out: dict = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
@@ -185,22 +185,54 @@ def _distill_rate(teacher: Policy, states: np.ndarray, threat: ThreatModel, step
 
 
 def _bounds_rate(policy: Policy, states: np.ndarray, threat: ThreatModel, method: str) -> float:
-    t0 = time.perf_counter()
-    output_bounds(policy, states, threat, method=method)
-    return len(states) / (time.perf_counter() - t0)
+    return _bounds_rates(policy, states, threat, method)[0]
+
+
+def _bounds_rates(
+    policy: Policy, states: np.ndarray, threat: ThreatModel, method: str, repeat: int = 1
+) -> tuple[float, float]:
+    """States per second of wall clock and of this process's CPU time (best of ``repeat``)."""
+    torch.set_num_threads(1)
+    output_bounds(policy, states[:64], threat, method=method)  # first-use costs apart
+    wall = cpu = math.inf
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        output_bounds(policy, states, threat, method=method)
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return len(states) / wall, len(states) / cpu
+
+
+def _fast_vs_precise(policy: Policy, states: np.ndarray, threat: ThreatModel) -> dict:
+    """CROWN's default bounds against its all-float64 ones (``precise=True``), where this
+    tree's ``output_bounds`` has the switch: the largest width ratio and outward move."""
+    if "precise" not in inspect.signature(output_bounds).parameters:
+        return {}
+    lo, hi = output_bounds(policy, states, threat)
+    p_lo, p_hi = output_bounds(policy, states, threat, precise=True)
+    width = p_hi - p_lo
+    return {
+        "crown_width_over_float64_max": round(float(((hi - lo) / width).max()), 6),
+        "crown_outward_over_width_max": float(torch.maximum(p_lo - lo, hi - p_hi).div(width).max()),
+    }
 
 
 def rates(policy_path: str, env_id: str, eps: float, ft_steps: int, n_states: int) -> dict:
-    """Fine-tuning steps per second and CROWN / IBP bounds per second on the reference policy."""
+    """Fine-tuning steps per second and CROWN / IBP bounds per second on the reference policy
+    (bounds: best of 3, by wall clock and by CPU time)."""
+    torch.set_num_threads(1)
     policy = load_policy(policy_path).policy.eval()
     threat = ThreatModel(eps)
     states = _states(policy, env_id, n_states)
+    crown = _bounds_rates(policy, states, threat, "crown", repeat=3)
+    ibp = _bounds_rates(policy, states, threat, "ibp", repeat=3)
     return {
+        **_fast_vs_precise(policy, states, threat),
         "finetune_steps": ft_steps,
         "finetune_steps_per_s": round(_distill_rate(policy, states, threat, ft_steps), 1),
         "bound_states": n_states,
-        "crown_states_per_s": round(_bounds_rate(policy, states, threat, "crown"), 1),
-        "ibp_states_per_s": round(_bounds_rate(policy, states, threat, "ibp"), 1),
+        "crown_states_per_s": round(crown[0], 1),
+        "ibp_states_per_s": round(ibp[0], 1),
+        "cpu": {"crown_states_per_s": round(crown[1], 1), "ibp_states_per_s": round(ibp[1], 1)},
     }
 
 
@@ -353,7 +385,9 @@ def print_throughput(args: argparse.Namespace, results: dict[str, Any]) -> None:
         for _ in range(args.repeat):
             for n in args.num_envs:
                 if tree is not None:
-                    old = baseline_throughput(tree, policy, args.env, args.eps, n, args.episodes)
+                    old = on_baseline(
+                        tree, "throughput", policy, args.env, args.eps, n, args.episodes
+                    )
                     results.setdefault("throughput_baseline", []).append(old)
                     print(throughput_line(f"old path, {args.baseline}", old), flush=True)
                 t = throughput(policy, args.env, args.eps, n, args.episodes)
@@ -374,18 +408,43 @@ def print_throughput(args: argparse.Namespace, results: dict[str, Any]) -> None:
 def print_rates(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Section 2."""
     print(f"== rates ({Path(args.policy).name}, one thread) ==")
-    r = rates(args.policy, args.env, args.eps, args.finetune_steps, args.bound_states)
+    policy = str(Path(args.policy).resolve())
+    a = (policy, args.env, args.eps, args.finetune_steps, args.bound_states)
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(worktree(args.baseline)) if args.baseline else None
+        if tree is not None:
+            old = on_baseline(tree, "rates", *a)
+            results["rates_baseline"] = old
+            print(rates_lines(f"old path, {args.baseline}", old), flush=True)
+        r = rates(*a)
     results["rates"] = r
-    print(
+    print(rates_lines("new path" if tree is not None else "this tree", r), flush=True)
+    if tree is not None:
+        wall = r["crown_states_per_s"] / old["crown_states_per_s"]
+        cpu = r["cpu"]["crown_states_per_s"] / old["cpu"]["crown_states_per_s"]
+        print(f"     new/old: CROWN {wall:.2f}× (wall clock), {cpu:.2f}× (CPU time)")
+
+
+def rates_lines(label: str, r: dict) -> str:
+    """The fine-tuning rate and the bounds' rates (wall clock, then CPU time)."""
+    cpu = r.get("cpu", {})
+    crown_cpu = cpu.get("crown_states_per_s", float("nan"))
+    return (
         f"fine-tuning (distillation, batch 256, 25% PGD-3 rows, 90% sparse student): "
-        f"{r['finetune_steps_per_s']:.1f} steps/s over {r['finetune_steps']} steps"
-    )
-    print(
+        f"{r['finetune_steps_per_s']:.1f} steps/s over {r['finetune_steps']} steps  [{label}]\n"
         f"local bounds on {r['bound_states']} visited states: CROWN "
         f"{r['crown_states_per_s']:.0f} states/s (10,000 in "
         f"{10_000 / r['crown_states_per_s']:.2f} s; goal < 1 s), IBP "
-        f"{r['ibp_states_per_s']:.0f} states/s",
-        flush=True,
+        f"{r['ibp_states_per_s']:.0f} states/s\n"
+        f"     by CPU time: CROWN {crown_cpu:.0f} states/s (10,000 in {10_000 / crown_cpu:.2f} s), "
+        f"IBP {cpu.get('ibp_states_per_s', float('nan')):.0f} states/s"
+        + (
+            f"\n     CROWN vs its float64 bounds: widths at most "
+            f"{r['crown_width_over_float64_max']:.6f}×, moved outward by at most "
+            f"{r['crown_outward_over_width_max']:.2e} of the width"
+            if "crown_width_over_float64_max" in r
+            else ""
+        )
     )
 
 
@@ -422,7 +481,7 @@ def main() -> None:
     ap.add_argument("--run-source", default="hopper", help="policy or profile for compress run")
     ap.add_argument("--skip-runs", action="store_true", help="skip the compress run jobs")
     ap.add_argument(
-        "--baseline", metavar="REV", help="also measure throughput on the code of commit REV"
+        "--baseline", metavar="REV", help="also measure throughput and rates on commit REV's code"
     )
     ap.add_argument("--repeat", type=int, default=1, help="throughput measurements per env count")
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
@@ -430,14 +489,14 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--bound-states", type=int, default=2000)
     sections = ["throughput", "rates", "scaling", "executors", "runs"]
-    ap.add_argument("--only", choices=sections, help="run one section only")
+    ap.add_argument("--only", choices=sections, nargs="+", help="run these sections only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {"throughput": []}
 
     def wanted(section: str) -> bool:
-        return args.only in (None, section)
+        return args.only is None or section in args.only
 
     if wanted("throughput"):
         print_throughput(args, results)

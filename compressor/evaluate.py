@@ -234,17 +234,38 @@ class SuiteResult:
         return out
 
 
-class _TVMeter:
-    """Wraps an attack to record the TV it causes at every visited state."""
+#: ``obs -> (attacked obs, policy output at obs, policy output there or None)``
+Measured = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
-    def __init__(self, policy: Policy, perturb: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.policy, self.perturb = policy, perturb
+
+class _TVMeter:
+    """Wraps an attack to record the TV it causes at every visited state.
+
+    ``measured`` (an attack's ``perturb_measured``, when the policy sees the true observation
+    attacked, without noise): the attack returns the policy's outputs at the true and at the
+    attacked observation as its ascent computed them, so the meter runs no forward pass of its
+    own where it has them (the same network on the same inputs, equal to float rounding).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        perturb: Callable[[torch.Tensor], torch.Tensor],
+        measured: Measured | None = None,
+    ) -> None:
+        self.policy, self.perturb, self.measured = policy, perturb, measured
         self.tv_sum, self.count = 0.0, 0
 
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        adv = self.perturb(obs)
+        if self.measured is None:
+            adv = self.perturb(obs)
+            clean, out = None, None
+        else:
+            adv, clean, out = self.measured(obs)
         with torch.no_grad():
-            tv = self.policy.total_variation(self.policy(obs), self.policy(adv))
+            clean = self.policy(obs) if clean is None else clean
+            out = self.policy(adv) if out is None else out
+            tv = self.policy.total_variation(clean, out)
         self.tv_sum += float(tv.sum())
         self.count += tv.numel()
         return adv
@@ -401,7 +422,11 @@ def evaluate_attack(
     seen = hook.perturb(attack.perturb)
     assert seen is not None
     # TV is a property of the actor's own action distribution: none without one
-    meter = _TVMeter(policy, seen) if isinstance(policy, Policy) else None
+    # the attack's own outputs serve the meter only when they are the evaluated policy's, at
+    # the observation the policy sees attacked (no surrogate, no noise)
+    own = noise is None and ctx.policy is policy
+    measured = getattr(attack, "perturb_measured", None) if own else None
+    meter = _TVMeter(policy, seen, measured) if isinstance(policy, Policy) else None
     res = rollout(
         policy,
         env_id,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,12 +13,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_certify import HEADS, random_states, sampled_shift
 
+from compressor.certify import local
 from compressor.certify.empirical import empirical_search
 from compressor.certify.global_bound import GAUSSIAN_HEADS, certify_global, output_scale
 from compressor.certify.local import _act, _relax, certify_local, output_bounds
 from compressor.core.errors import CompressorError
 from compressor.core.pgd import pgd
 from compressor.core.threat import ThreatModel, sample_ball
+from compressor.policy.loading import load_policy
 from conftest import make_policy
 
 TOL_REL, TOL_ABS = 1e-4, 1e-5  # float32 policy vs float64 bounds
@@ -200,3 +204,78 @@ def test_single_action_and_chunking_and_errors():
         certify_local(policy, x0, ThreatModel(0.1), method="lirpa")
     with pytest.raises(CompressorError):
         certify_local(policy, x0[:, :3], ThreatModel(0.1))
+
+
+HOPPER = Path(__file__).resolve().parents[1] / "profiles" / "hopper.pt"
+
+
+def _fast_cases():
+    """(policy, states, threat): Hopper's 256×256 tanh policy (the float32 products' largest
+    margins) and a small random one per activation, both norms."""
+    hopper = load_policy(HOPPER).policy.eval()
+    g = torch.Generator().manual_seed(3)
+    x = hopper.obs_mean + torch.randn(24, hopper.spec.obs_dim, generator=g) * hopper.obs_scale()
+    cases = [(hopper, x, ThreatModel(0.075)), (hopper, x, ThreatModel(0.3, "2"))]
+    for act in ("tanh", "relu", "elu"):
+        small = make_policy("gaussian", (40, 40), act, 6, 3, True, seed=7)
+        cases.append((small, random_states(small, 24, 2), ThreatModel(0.2)))
+    return cases
+
+
+def test_fast_bounds_contain_samples_and_pgd_and_stay_close_to_float64():
+    for policy, x0, threat in _fast_cases():
+        lo, hi = output_bounds(policy, x0, threat)
+        p_lo, p_hi = output_bounds(policy, x0, threat, precise=True)
+        outs = perturbed_outputs(policy, x0, threat, k=16)
+        assert (outs >= lo - TOL_ABS - TOL_REL * lo.abs()).all()
+        assert (outs <= hi + TOL_ABS + TOL_REL * hi.abs()).all()
+        scale = threat.scale(policy)
+        for i in range(policy.spec.act_dim):
+            for sign, bound in ((1.0, hi[:, i]), (-1.0, -lo[:, i])):
+
+                def objective(x, i=i, sign=sign, policy=policy):
+                    return sign * policy(x)[:, i]
+
+                x = pgd(objective, x0, scale, threat.eps, norm=threat.norm, steps=20)
+                with torch.no_grad():
+                    reached = sign * policy(x)[:, i].double()
+                assert (reached <= bound + TOL_ABS + TOL_REL * bound.abs()).all()
+        # not vacuous: within a small fraction of the float64 bounds' width
+        width = p_hi - p_lo
+        assert ((lo - p_lo).abs() <= 1e-3 * width + 1e-9).all()
+        assert ((hi - p_hi).abs() <= 1e-3 * width + 1e-9).all()
+        assert ((hi - lo) <= 1.002 * width + 1e-9).all()
+
+
+def _with_gamma(value):
+    """Temporarily replace the rounding-error factor γ_n (0: no margin at all)."""
+    return mock.patch.object(local, "_gamma", lambda n: value * n * 2.0**-24)
+
+
+def test_float32_steps_enclose_the_float64_ones_on_the_same_relaxation():
+    # same intermediate lines, so the exact bound of that relaxation is one number: the float32
+    # products with their margin must enclose it, and without the margin they do not
+    policy, x0, threat = _fast_cases()[0]
+    weights, biases = local._network(policy, torch.float64)
+    inp = local._input_set(policy, x0, threat, torch.float64)
+    lo0, hi0 = local._crown(weights[0], biases[0], -1, weights, biases, [], inp)
+    relax0 = local._relax("tanh", lo0, hi0)
+    a_lo, a_hi = torch.tanh(lo0), torch.tanh(hi0)
+    a_c = 0.5 * (a_lo + a_hi)
+    ibp = [(lo0, lo0, lo0), (a_c, a_c @ weights[1].T, 0.5 * (a_hi - a_lo) @ weights[1].abs().T)]
+    exact1 = local._crown(weights[1], biases[1], 0, weights, biases, [relax0], inp)
+    lo1, hi1 = exact1
+    relax = [relax0, local._relax("tanh", lo1, hi1)]
+    exact2 = local._crown(weights[2], biases[2], 1, weights, biases, relax, inp)
+
+    def encloses(factor):
+        with _with_gamma(factor):
+            f1 = local._crown(weights[1], biases[1], 0, weights, biases, [relax0], inp, ibp)
+            f2 = local._crown(weights[2], biases[2], 1, weights, biases, relax, inp, ibp)
+        return [
+            bool((f[0] <= e[0] + 1e-12).all() and (f[1] >= e[1] - 1e-12).all())
+            for f, e in ((f1, exact1), (f2, exact2))
+        ]
+
+    assert encloses(1.0) == [True, True]
+    assert encloses(0.0) == [False, False]  # float32 rounding is real: the margin is needed

@@ -9,7 +9,7 @@ from torch import nn
 
 from compressor.core.mlp_grad import OutputObjective
 from compressor.core.objectives import divergence_objective, policy_objective, value_objective
-from compressor.core.pgd import max_divergence_point, pgd, pgd_in_ball
+from compressor.core.pgd import max_divergence_measured, max_divergence_point, pgd, pgd_in_ball
 from compressor.core.threat import ThreatModel, ball_norm
 from compressor.policy.model import Policy
 from compressor.policy.value import ValueNet
@@ -202,3 +202,21 @@ def test_attack_point_feeds_a_training_loss() -> None:
     assert not adv.is_inference()
     pol.divergence(ref, pol(adv)).mean().backward()
     assert pol.layers[0].weight.grad is not None and pol.layers[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("head", [*HEADS, "q_greedy"])
+def test_measured_divergence_point_is_the_point_with_its_outputs(head: str) -> None:
+    # the same point as max_divergence_point (same draws), and the outputs the ascent kept
+    # are the policy's at the clean and at the returned observations, to float rounding
+    policy = make_policy(head, (24, 24), "tanh", 5, 3, True, seed=4)
+    x = _states(policy, 12, 1)
+    threat = ThreatModel(0.2)
+    scale = threat.scale(policy)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain = max_divergence_point(policy, x, scale, threat, 7, g1)
+    adv, clean, out = max_divergence_measured(policy, x, scale, threat, 7, g2)
+    assert torch.equal(plain, adv)
+    assert out is not None
+    with torch.no_grad():
+        torch.testing.assert_close(clean, policy(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, policy(adv), rtol=1e-5, atol=1e-6)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import torch
 
 from compressor.core.stats import summarize_returns
 from compressor.core.threat import ThreatModel
-from compressor.evaluate import evaluate, evaluate_attack, random_action_return
+from compressor.evaluate import _TVMeter, evaluate, evaluate_attack, random_action_return
 from compressor.policy.native import load_native
 from compressor.rl.rollout import rollout
 from conftest import REPO, make_policy
@@ -59,6 +61,25 @@ def test_bootstrap_ci_brackets_mean() -> None:
     assert s.ci_low <= s.mean <= s.ci_high
     assert s.ci_low >= 1.0 and s.ci_high <= 10.0
     assert summarize_returns(np.array([5.0])).ci_low == 5.0
+
+
+def test_tv_meter_reads_the_attacks_outputs_with_the_same_episodes() -> None:
+    # the meter's TV from MAD's own outputs equals the one from two more forward passes (to
+    # float rounding), and the episodes are the same
+    pol = load_native(REPO / "profiles" / "cartpole.pt")
+    th = ThreatModel(0.2)
+    shared = evaluate_attack(pol, "CartPole-v1", {}, [0, 1, 2], "mad", th, num_envs=2)
+
+    class OwnForwards(_TVMeter):
+        def __init__(self, policy, perturb, measured=None):
+            super().__init__(policy, perturb, None)
+
+    with mock.patch("compressor.evaluate._TVMeter", OwnForwards):
+        own = evaluate_attack(pol, "CartPole-v1", {}, [0, 1, 2], "mad", th, num_envs=2)
+    np.testing.assert_array_equal(shared.stats.returns, own.stats.returns)
+    assert shared.steps == own.steps and shared.mean_tv is not None and own.mean_tv is not None
+    assert shared.mean_tv > 0.0
+    np.testing.assert_allclose(shared.mean_tv, own.mean_tv, rtol=1e-5)
 
 
 def test_attacked_evaluation_reports_tv() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from compressor.attacks.base import AttackContext
-from compressor.core.pgd import max_divergence_point
+from compressor.core.pgd import max_divergence_measured
 
 
 class MADAttack:
@@ -39,6 +39,15 @@ class MADAttack:
 
     def perturb(self, obs: torch.Tensor) -> torch.Tensor:
         """:param obs: true raw observations (batch, dim)."""
-        return max_divergence_point(
+        return self.perturb_measured(obs)[0]
+
+    def perturb_measured(
+        self, obs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`perturb` (the same point, the same random draws) with the policy's output at
+        ``obs`` and at the returned point, as the ascent computed them (the second is None
+        where the ascent runs through autograd): an evaluation's TV meter reads them instead
+        of running two more forward passes."""
+        return max_divergence_measured(
             self.policy, obs, self._scale, self.threat, self.steps, self._gen
         )

@@ -89,35 +89,10 @@ def _tanh_tangent(d: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return a, t - a * d
 
 
-def _tanh_upper(lo: Tensor, hi: Tensor, t_lo: Tensor, t_hi: Tensor) -> tuple[Tensor, Tensor]:
-    """A line above tanh on ``[lo, hi]`` (``t_lo, t_hi``: tanh at the ends).
-
-    tanh is convex below 0 and concave above. Concave interval: tangent at the midpoint. Convex
-    interval: the chord. Mixed: the chord when it stays above the curve, else the line through
-    ``(lo, tanh lo)`` tangent at some ``d ≥ 0``: ``g(x) - tanh(x)`` is concave on ``[lo, 0]``
-    with ``g(lo) ≥ tanh(lo)`` and ``g(0) ≥ 0``, and ≥ 0 on the concave side, so the line is sound.
-    """
-    mid = 0.5 * (lo + hi)
-    a_m, b_m = _tanh_tangent(mid, torch.tanh(mid))
-    a = (t_hi - t_lo) / (hi - lo).clamp_min(_TINY)
-    b = t_lo - a * lo
-    a, b = torch.where(lo >= 0, a_m, a), torch.where(lo >= 0, b_m, b)
-    # the tangent at d ≥ 0, evaluated at lo, rises with d; when it already passes above
-    # (lo, tanh lo) at d = hi, the touching point is inside [0, hi] and the chord dips below
-    # the curve near hi
-    a_h, b_h = _tanh_tangent(hi, t_hi)
-    bent = (lo < 0) & (hi > 0) & (a_h * lo + b_h - t_lo > 0)
-    if bent.any():
-        a, b = a.clone(), b.clone()
-        a[bent], b[bent] = _touching_tangent(lo[bent], hi[bent], t_lo[bent])
-    return a, b
-
-
-def _touching_tangent(lo: Tensor, hi: Tensor, t_lo: Tensor) -> tuple[Tensor, Tensor]:
-    """The tangent at ``d ∈ [0, hi]`` whose line passes above ``(lo, tanh lo)``, ``lo < 0``.
-
-    Bisection only where needed (few neurons straddle 0 at small ε); 30 halvings leave hi·1e-9
-    of slack, and keeping the ``right`` end (line above ``(lo, tanh lo)``) keeps it sound.
+def _touching_point(lo: Tensor, hi: Tensor, t_lo: Tensor) -> Tensor:
+    """The smallest ``d ∈ [0, hi]`` whose tangent passes above ``(lo, tanh lo)``, ``lo < 0``,
+    from the right: 30 halvings leave hi·1e-9 of slack, and keeping the ``right`` end (line
+    above ``(lo, tanh lo)``) keeps it sound.
     """
     left, right = torch.zeros_like(lo), hi
     for _ in range(30):
@@ -125,21 +100,129 @@ def _touching_tangent(lo: Tensor, hi: Tensor, t_lo: Tensor) -> tuple[Tensor, Ten
         a_mid, b_mid = _tanh_tangent(mid, torch.tanh(mid))
         above = a_mid * lo + b_mid - t_lo >= 0
         right, left = torch.where(above, mid, right), torch.where(above, left, mid)
-    return _tanh_tangent(right, torch.tanh(right))
+    return right
 
 
-def _relax(name: str, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Lines ``al·x + bl ≤ σ(x) ≤ au·x + bu`` on ``[lo, hi]`` (elementwise)."""
+def _touching_table() -> tuple[Tensor, Tensor]:
+    """``d*(lo) / -lo`` on a grid of ``log(-lo)``: the touching point of :func:`_touching_tangent`
+    depends on ``lo`` only (64 halvings per grid point, once per process)."""
+    global _TOUCH
+    if _TOUCH is None:
+        s = torch.linspace(math.log(_TOUCH_LO), math.log(_TOUCH_HI), _TOUCH_N, dtype=torch.float64)
+        lo = -torch.exp(s)
+        left, right = torch.zeros_like(lo), -lo  # d* < -lo/2 < -lo
+        t_lo = torch.tanh(lo)
+        for _ in range(64):
+            mid = 0.5 * (left + right)
+            a_mid, b_mid = _tanh_tangent(mid, torch.tanh(mid))
+            above = a_mid * lo + b_mid - t_lo >= 0
+            right, left = torch.where(above, mid, right), torch.where(above, left, mid)
+        _TOUCH = (s, right / -lo)
+    return _TOUCH
+
+
+_TOUCH: tuple[Tensor, Tensor] | None = None
+_TOUCH_LO, _TOUCH_HI, _TOUCH_N = 1e-4, 40.0, 16384
+# relative step above the interpolated touching point: 5x the linear interpolation's largest
+# underestimate on this grid (3.7e-8, measured against 64 halvings on 100,003 points)
+_TOUCH_SLACK = 2e-7
+
+
+def _touching_tangent(
+    lo: Tensor, hi: Tensor, t_lo: Tensor, floor: Tensor, where: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The tangent of tanh at ``d = max(d*, floor)``, ``d*`` the touching point (the smallest
+    ``d ∈ [0, hi]`` whose tangent passes above ``(lo, tanh lo)``), at the entries ``where``
+    (elementwise over whole tensors: cheaper than gathering them).
+
+    Any ``d ∈ [d*, hi]`` gives a sound line (the tangent at ``d``, evaluated at ``lo``, rises
+    with ``d``). ``d*`` comes from a table (:func:`_touching_table`), nudged up and checked
+    with the bisection's own test, so what passes is sound; the few that fail (``lo`` off the
+    table, or so close to 0 that the test is rounding noise) take the bisection.
+    """
+    s, ratio = _touching_table()
+    neg = (-lo).clamp_min(_TOUCH_LO)
+    pos = (torch.log(neg).clamp(s[0], s[-1]) - s[0]) * ((len(s) - 1) / (s[-1] - s[0]))
+    i = pos.floor().long().clamp_max(len(s) - 2)
+    f = pos - i
+    r = torch.lerp(ratio[i], ratio[i + 1], f)
+    # the check of the final point: it passes iff that point is at or above d*
+    d = torch.maximum(torch.minimum(neg * r * (1.0 + _TOUCH_SLACK), hi), floor)
+    a, b = _tanh_tangent(d, torch.tanh(d))
+    bad = where & ~(a * lo + b - t_lo >= 0)
+    if bad.any():
+        d_bad = torch.maximum(_touching_point(lo[bad], hi[bad], t_lo[bad]), floor[bad])
+        a[bad], b[bad] = _tanh_tangent(d_bad, torch.tanh(d_bad))
+    return a, b
+
+
+def _relax_tanh(
+    lo: Tensor, hi: Tensor, t_lo: Tensor, t_hi: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_relax` for tanh.
+
+    Upper line: tanh is convex below 0 and concave above. Concave interval: tangent at the
+    midpoint. Convex interval: the chord. Mixed: the chord when it stays above the curve, else
+    the tangent at ``d = max(d*, midpoint)``, ``d*`` the touching point of
+    :func:`_touching_tangent`: the line through ``(lo, tanh lo)`` tangent at ``d* ≥ 0``, or
+    any tangent at ``d ∈ [d*, hi]``, is sound (``g(x) - tanh(x)`` is concave on ``[lo, 0]``
+    with ``g(lo) ≥ tanh(lo)`` and ``g(0) ≥ 0``, and ≥ 0 on the concave side), and the midpoint
+    makes the line continuous in ``lo`` across 0. The chord dips below the curve exactly when
+    the tangent at ``hi`` already passes above ``(lo, tanh lo)`` (the touching point is then
+    inside ``[0, hi]``). Lower line: the same for ``[-hi, -lo]``, mirrored (tanh is odd). The
+    two sides share the tanh evaluations.
+    """
+    mid = 0.5 * (lo + hi)
+    a_m, b_m = _tanh_tangent(mid, torch.tanh(mid))
+    width = hi - lo
+    a_c = (t_hi - t_lo) / width.clamp_min(_TINY)
+    b_c = t_lo - a_c * lo
+    concave, convex = lo >= 0, hi <= 0
+    au, bu = torch.where(concave, a_m, a_c), torch.where(concave, b_m, b_c)
+    al, bl = torch.where(convex, a_m, a_c), torch.where(convex, b_m, b_c)
+    idx = ((lo < 0) & (hi > 0)).reshape(-1).nonzero().squeeze(1)  # the mixed intervals
+    if len(idx):
+        lo_s, hi_s, tl_s, th_s, mid_s = (
+            t.reshape(-1).index_select(0, idx) for t in (lo, hi, t_lo, t_hi, mid)
+        )
+        # upper: the tangent at hi passes above (lo, tanh lo); lower: its mirror image
+        bent_u = th_s + (1.0 - th_s * th_s) * (lo_s - hi_s) - tl_s > 0
+        bent_l = tl_s + (1.0 - tl_s * tl_s) * (hi_s - lo_s) - th_s < 0
+        au, bu, al, bl = (t.contiguous() for t in (au, bu, al, bl))
+        for bent, (a_out, b_out), sign, args in (
+            (bent_u, (au, bu), 1.0, (lo_s, hi_s, tl_s, mid_s)),
+            (bent_l, (al, bl), -1.0, (-hi_s, -lo_s, -th_s, -mid_s)),
+        ):
+            if bent.any():
+                a_t, b_t = _touching_tangent(*args, bent)
+                a_flat, b_flat = a_out.view(-1), b_out.view(-1)
+                a_flat.index_copy_(0, idx, torch.where(bent, a_t, a_flat.index_select(0, idx)))
+                b_new = torch.where(bent, sign * b_t, b_flat.index_select(0, idx))
+                b_flat.index_copy_(0, idx, b_new)
+    flat = width < _TINY
+    if flat.any():
+        zero = torch.zeros_like(lo)
+        al, bl = torch.where(flat, zero, al), torch.where(flat, t_lo, bl)
+        au, bu = torch.where(flat, zero, au), torch.where(flat, t_hi, bu)
+    return al, bl, au, bu
+
+
+def _relax(
+    name: str,
+    lo: Tensor,
+    hi: Tensor,
+    act_lo: Tensor | None = None,
+    act_hi: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Lines ``al·x + bl ≤ σ(x) ≤ au·x + bu`` on ``[lo, hi]`` (elementwise); ``act_lo``,
+    ``act_hi``: ``σ(lo)``, ``σ(hi)`` when the caller has them."""
     if name == "tanh":
-        t_lo, t_hi = torch.tanh(lo), torch.tanh(hi)
-        au, bu = _tanh_upper(lo, hi, t_lo, t_hi)
-        a_neg, b_neg = _tanh_upper(-hi, -lo, -t_hi, -t_lo)  # tanh is odd
-        al, bl = a_neg, -b_neg  # tanh is odd: mirror the upper line of [-hi, -lo]
-    else:
-        # ReLU and ELU are convex: chord above, tangent below (the midpoint tangent of ReLU is
-        # CROWN's adaptive lower slope: 1 iff hi > -lo)
-        au, bu = _chord(name, lo, hi)
-        al, bl = _tangent(name, 0.5 * (lo + hi))
+        t_lo = torch.tanh(lo) if act_lo is None else act_lo
+        return _relax_tanh(lo, hi, t_lo, torch.tanh(hi) if act_hi is None else act_hi)
+    # ReLU and ELU are convex: chord above, tangent below (the midpoint tangent of ReLU is
+    # CROWN's adaptive lower slope: 1 iff hi > -lo)
+    au, bu = _chord(name, lo, hi)
+    al, bl = _tangent(name, 0.5 * (lo + hi))
     flat = (hi - lo) < _TINY
     zero = torch.zeros_like(lo)
     return (
@@ -203,28 +286,32 @@ def _concretize(lam: Tensor, const: Tensor, inp: _InputSet) -> tuple[Tensor, Ten
 
 
 # ---- CROWN backward pass ----------------------------------------------------------------------
-def _step(
+def _step_pair(
     lam: Tensor,
     const: Tensor,
-    relax_pos: tuple[Tensor, Tensor],
-    relax_neg: tuple[Tensor, Tensor],
+    relax: tuple[Tensor, Tensor, Tensor, Tensor],
     w: Tensor,
     b: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Move a per-state linear bound ``lam·a_j + const`` through ``a_j = σ(h_j)``,
-    ``h_j = W a_{j-1} + b``: positive coefficients take ``relax_pos`` (the upper line, for an
-    upper bound), negative ones ``relax_neg``.
-    """
-    (a_p, b_p), (a_n, b_n) = relax_pos, relax_neg
-    pos, neg = lam.clamp_min(0.0), lam.clamp_max(0.0)
-    const = const + _dot(pos, b_p + a_p * b) + _dot(neg, b_n + a_n * b)
-    return (pos * a_p[:, None, :] + neg * a_n[:, None, :]) @ w, const
+    """Move per-state linear bounds ``lam·a_j + const`` through ``a_j = σ(h_j)``,
+    ``h_j = W a_{j-1} + b``: ``lam`` (B, 2K, n) holds K lower bounds, then K upper ones. For an
+    upper bound positive coefficients take the upper line and negative ones the lower,
+    ``pos·upper + neg·lower = lam·m + |lam|·d`` with ``m``, ``d`` the mid and half-gap lines;
+    a lower bound flips the sign of ``d``."""
+    al, bl, au, bu = relax
+    a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
+    c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
+    k = lam.shape[1] // 2
+    mag = lam.abs()
+    mag[:, :k].neg_()  # -|lam| for the lower rows, +|lam| for the upper
+    const = const + (torch.bmm(lam, c_m[:, :, None]) + torch.bmm(mag, c_d[:, :, None]))[..., 0]
+    return (lam * a_m[:, None, :]).add_(mag.mul_(a_d[:, None, :])) @ w, const
 
 
 def _first_step(
     coef: Tensor, bias: Tensor, relax: tuple[Tensor, Tensor, Tensor, Tensor], w: Tensor, b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_step` for the shared (state-independent) starting coefficients, both sides at once.
+    """:func:`_step_pair` for the shared (state-independent) starting coefficients, both sides.
 
     With ``m = (upper + lower)/2`` and ``d = (upper - lower)/2`` lines, ``pos·upper + neg·lower =
     coef·m + |coef|·d`` and the lower bound flips the sign of the second term: two products
@@ -253,6 +340,135 @@ def _first_step(
     return lower[0], lower[1], upper[0], upper[1]
 
 
+def _first_step32(
+    coef: Tensor,
+    bias: Tensor,
+    relax: tuple[Tensor, Tensor, Tensor, Tensor],
+    w: Tensor,
+    b: Tensor,
+    ibp: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """:func:`_first_step` (few rows) with the product ``(coef·diag(slope)) @ w`` in float32,
+    for a layer whose input ``a`` is a hidden activation; ``ibp``: ``(a_c, w @ a_c, |w| @ a_r)``
+    for the centre ``a_c`` and half-width ``a_r`` of its bounds (IBP's own products).
+
+    Returns the K lower bounds' and then the K upper bounds' coefficients (B, 2K, n) and
+    constants (B, 2K). The computed coefficients ``λ̃`` are bounded downstream as they are;
+    the true function differs by ``(λ - λ̃)·a = (λ - λ̃)·a_c + (λ - λ̃)·(a - a_c)``: the first
+    term is computed (``λ·a_c`` exactly as ``coef @ (slope * (w @ a_c))`` in float64) and the
+    second is at most ``γ·|coef| @ (|slope| * (|w| @ a_r))`` (γ as in :func:`_input_crown32`);
+    both go into the constants.
+    """
+    al, bl, au, bu = relax
+    a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)
+    mag = coef.abs()
+    c_m, c_d = 0.5 * (bu + bl) + a_m * b, 0.5 * (bu - bl) + a_d * b
+    # the lower rows' and the upper rows' coefficients on a, (B, 2K, n_j), in one product
+    f32 = torch.float32
+    mid = coef.to(f32) * a_m.to(f32)[:, None, :]
+    gap = mag.to(f32) * a_d.to(f32)[:, None, :]
+    lam = (torch.cat([mid - gap, mid.add_(gap)], dim=1) @ w.to(f32)).to(torch.float64)
+    a_c, h, spread = ibp
+    # exact λ·a_c (+ intercepts) for the mid line; the half-gap line's plus the margin (both
+    # multiply |coef|, and both widen the bound)
+    mid_line = (c_m + a_m * h) @ coef.T + bias
+    margin = _gamma(w.shape[0] + 5) * (a_m.abs() + a_d.abs()) * spread
+    gap_line = (c_d + a_d * h + margin) @ mag.T + _UNDERFLOW
+    # constants such that λ̃·a + const bounds the true function for every a in its bounds
+    const = torch.cat([mid_line - gap_line, mid_line + gap_line], dim=1)
+    return lam, const - torch.bmm(lam, a_c[:, :, None])[..., 0]
+
+
+# ---- the float32 back-substitution onto the input, with its rounding-error margin ----------------
+_U32 = 2.0**-24  # float32's unit roundoff
+# absolute slack for underflow: γ_n bounds relative errors only while no product or partial sum
+# falls below float32's normal range (each subnormal or flushed result adds at most 2^-126); the
+# float32 products here are of weights and slopes of size ~1, so 1e-30 covers any count of those
+_UNDERFLOW = 1e-30
+
+
+def _gamma(n: int) -> float:
+    """``γ_n = n·u / (1 - n·u)``: a float32 dot product of length ``n`` (any summation order,
+    with or without FMA) is within ``γ_n·(|a|·|b|)`` of the exact one."""
+    return n * _U32 / (1.0 - n * _U32)
+
+
+def _up32(x: Tensor) -> Tensor:
+    """``x`` in float32, rounded up (never below ``x``; ``x ≥ 0``)."""
+    y = x.to(torch.float32)
+    return torch.nextafter(y, torch.full_like(y, math.inf))
+
+
+def _input_crown32(
+    coef: Tensor,
+    bias: Tensor,
+    relax: tuple[Tensor, Tensor, Tensor, Tensor],
+    w: Tensor,
+    b: Tensor,
+    inp: _InputSet,
+) -> tuple[Tensor, Tensor]:
+    """Bounds of ``coef·σ(h) + bias``, ``h = w z + b`` the first layer, over the input set: what
+    ``_crown(coef, bias, 0, ...)`` computes, with the one big product in float32.
+
+    That product is the per-state coefficient matrix on ``z``, ``L = coef·diag(slope)·w``
+    (``(n_out, n_in)`` per state). Everything else is float64: the constants, and the centre
+    term ``L·z_c`` as the matrix-vector chain ``coef @ (slope * (w @ z_c))``. Only the spread
+    ``|L|·r`` (box) or ``ε‖L ⊙ N‖₂`` (ℓ2) reads the float32 ``L̃``, and is widened by what
+    rounding can hide: ``|L - L̃| ≤ γ·|coef|·diag(|slope|)·|w|`` elementwise (γ for the
+    ``n_h + 5`` roundings per term: the inputs to float32, the slope product, the dot product,
+    the sum of the two sides), so ``|L|·r ≤ |L̃|·r + γ·|coef| @ (|slope| * (|w| @ r))``, a
+    matrix-vector product; the float32 sum of non-negative terms itself is widened by
+    ``1 + 2γ_{n_in+2}`` and ``r`` is rounded up.
+    """
+    al, bl, au, bu = relax
+    a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)  # (B, n_h): slopes of the mid and half-gap lines
+    mag = coef.abs()
+    nb, (n_out, n_h), n_in = len(a_m), coef.shape, w.shape[1]
+    w32 = w.to(torch.float32)
+    # (n_h, n_in, B) layout: one GEMM per side over all states, states innermost (contiguous)
+    x_m = w32[:, :, None] * a_m.T.to(torch.float32).contiguous()[:, None, :]
+    x_d = w32[:, :, None] * a_d.T.to(torch.float32).contiguous()[:, None, :]
+    lam_m = (coef.to(torch.float32) @ x_m.view(n_h, -1)).view(n_out, n_in, nb)
+    lam_d = (mag.to(torch.float32) @ x_d.view(n_h, -1)).view(n_out, n_in, nb)
+    lam_l = torch.sub(lam_m, lam_d, out=x_m.view(n_out, n_in, nb) if n_out == n_h else None)
+    lam_u = lam_m.add_(lam_d)
+    lam_l, lam_u = lam_l.abs_(), lam_u.abs_()  # |L̃| of either side
+    slope_abs = a_m.abs() + a_d.abs()
+    w_abs = w.abs()
+
+    def side(centre: Tensor, r: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor]:
+        # the constants plus L·centre (float64; intercepts after substituting h = w z + b), and
+        # the margin for r (B, n_in) or (n_in,), r ≥ 0
+        h = centre @ w.T + b  # (B, n_h): h at the centre
+        mid_line = (0.5 * (bu + bl) + a_m * h) @ coef.T + bias
+        r_rows = r if r.ndim == 2 else r.expand(nb, -1)
+        margin = _gamma(n_h + 5) * slope_abs * (r_rows @ w_abs.T) * scale
+        # the half-gap line and the margin both multiply |coef| and both widen: one product
+        gap_line = (0.5 * (bu - bl) + a_d * h + margin) @ mag.T
+        return mid_line - gap_line, mid_line + gap_line
+
+    def spread(lam: Tensor, r32: Tensor) -> Tensor:
+        # Σ_j |L̃_ij| r_j over (n_out, n_in, B), r32 (1, n_in, B) ≥ r rounded up; widened for
+        # the float32 sum of non-negative terms
+        return (lam * r32).sum(1).T.to(torch.float64) * (1.0 + 2.0 * _gamma(n_in + 2))
+
+    rad = 0.5 * (inp.hi - inp.lo)
+    low, high = side(0.5 * (inp.lo + inp.hi), rad, 1.0)
+    rad32 = _up32(rad).T.contiguous()[None]
+    lower = low - spread(lam_l, rad32) - _UNDERFLOW
+    upper = high + spread(lam_u, rad32) + _UNDERFLOW
+    if inp.norm == "2":
+        # ±ε‖L ⊙ N‖₂ around the clean input: ‖L ⊙ N‖ ≤ ‖L̃ ⊙ N‖ + ‖(L - L̃) ⊙ N‖₁
+        low, high = side(inp.center, inp.radius, inp.eps)
+        n32 = _up32(inp.radius)[None, :, None]
+        grow = 1.0 + 2.0 * _gamma(n_in + 4)
+        norm_l = torch.linalg.vector_norm(lam_l * n32, dim=1).T.to(torch.float64) * grow
+        norm_u = torch.linalg.vector_norm(lam_u * n32, dim=1).T.to(torch.float64) * grow
+        lower = torch.maximum(lower, low - inp.eps * norm_l - _UNDERFLOW)
+        upper = torch.minimum(upper, high + inp.eps * norm_u + _UNDERFLOW)
+    return lower, upper
+
+
 def _crown(
     coef: Tensor,
     bias: Tensor,
@@ -261,17 +477,29 @@ def _crown(
     biases: list[Tensor],
     relax: list[tuple[Tensor, Tensor, Tensor, Tensor]],
     inp: _InputSet,
+    ibp: list[tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Bounds of ``coef·a_top + bias`` over the input set (``top = -1``: ``coef`` acts on z)."""
+    """Bounds of ``coef·a_top + bias`` over the input set (``top = -1``: ``coef`` acts on z).
+
+    ``ibp`` (the fast path): per layer ``j ≥ 1``, IBP's ``(a_c, W_j a_c, |W_j| a_r)`` of its
+    input's bounds (entry 0 unused); the first step's product
+    is then computed in float32 and widened by its rounding-error bound
+    (:func:`_input_crown32` onto the input, :func:`_first_step32` onto a hidden layer)."""
     if top < 0:
         return _concretize(coef, bias, inp)
-    lam_l, c_l, lam_u, c_u = _first_step(coef, bias, relax[top], weights[top], biases[top])
+    if ibp is not None and top == 0 and coef.shape[0] > weights[0].shape[1]:
+        return _input_crown32(coef, bias, relax[0], weights[0], biases[0], inp)
+    if ibp is not None and top > 0 and coef.shape[0] <= weights[top].shape[1]:
+        step = _first_step32(coef, bias, relax[top], weights[top], biases[top], ibp[top])
+    else:
+        lam_l, c_l, lam_u, c_u = _first_step(coef, bias, relax[top], weights[top], biases[top])
+        step = torch.cat([lam_l, lam_u], dim=1), torch.cat([c_l, c_u], dim=1)
+    lam, const = step
     for j in range(top - 1, -1, -1):
-        al, bl, au, bu = relax[j]
-        lam_u, c_u = _step(lam_u, c_u, (au, bu), (al, bl), weights[j], biases[j])
-        lam_l, c_l = _step(lam_l, c_l, (al, bl), (au, bu), weights[j], biases[j])
-    lower, _ = _concretize(lam_l, c_l, inp)
-    _, upper = _concretize(lam_u, c_u, inp)
+        lam, const = _step_pair(lam, const, relax[j], weights[j], biases[j])
+    k = lam.shape[1] // 2
+    lower, _ = _concretize(lam[:, :k], const[:, :k], inp)
+    _, upper = _concretize(lam[:, k:], const[:, k:], inp)
     return lower, upper
 
 
@@ -291,42 +519,44 @@ def _bound_chunk(
     inp: _InputSet,
     method: str,
     intersect: bool,
+    fast: bool = True,
+    need_q: bool = True,
 ) -> _ChunkBounds:
+    """Output (and pairwise) bounds of one chunk; ``fast``: see :func:`_crown`; ``need_q``:
+    also the per-state absolute-product matrix (else ``q_local`` is empty)."""
     name = policy.spec.activation
     n_layers = len(weights)
     relax: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     slopes: list[Tensor] = []
     lo, hi = _crown(weights[0], biases[0], -1, weights, biases, relax, inp)
-    for j in range(n_layers - 1):  # hidden pre-activations h_j
-        if j > 0:
-            a_lo, a_hi = _act(name, lo), _act(name, hi)  # σ is monotone
-            mid, rad = 0.5 * (a_lo + a_hi), 0.5 * (a_hi - a_lo)
-            ibp_mid, ibp_rad = mid @ weights[j].T + biases[j], rad @ weights[j].abs().T
-            lo, hi = ibp_mid - ibp_rad, ibp_mid + ibp_rad
-            if method == "crown":
-                c_lo, c_hi = _crown(weights[j], biases[j], j - 1, weights, biases, relax, inp)
-                if intersect:
-                    lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
-                else:
-                    lo, hi = c_lo, c_hi
+    # per layer j ≥ 1: IBP's (a_c, W_j a_c, |W_j| a_r) of its input's bounds (entry 0 unused)
+    ibp: list[tuple[Tensor, Tensor, Tensor]] = [(lo, lo, lo)]
+    fast_ibp = ibp if fast else None
+    for j in range(1, n_layers):  # pre-activations h_j (the last one: the head)
+        a_lo, a_hi = _act(name, lo), _act(name, hi)  # σ is monotone
         if method == "crown":  # IBP needs no lines
-            relax.append(_relax(name, lo, hi))
-        slopes.append(_max_slope(name, lo, hi))
+            relax.append(_relax(name, lo, hi, a_lo, a_hi))
+        if need_q:
+            slopes.append(_max_slope(name, lo, hi))
+        a_c = 0.5 * (a_lo + a_hi)
+        ibp.append((a_c, a_c @ weights[j].T, 0.5 * (a_hi - a_lo) @ weights[j].abs().T))
+        lo, hi = ibp[j][1] + biases[j] - ibp[j][2], ibp[j][1] + biases[j] + ibp[j][2]
+        if method == "crown" and j < n_layers - 1:
+            c_lo, c_hi = _crown(weights[j], biases[j], j - 1, weights, biases, relax, inp, fast_ibp)
+            if intersect:
+                lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
+            else:
+                lo, hi = c_lo, c_hi
 
     w_out, b_out = weights[-1], biases[-1]
     k = w_out.shape[0]
-    if n_layers == 1:
-        out_lo, out_hi = lo, hi  # the first (and only) layer is the head
-    else:
-        a_lo, a_hi = _act(name, lo), _act(name, hi)
-        mid, rad = 0.5 * (a_lo + a_hi) @ w_out.T + b_out, 0.5 * (a_hi - a_lo) @ w_out.abs().T
-        out_lo, out_hi = mid - rad, mid + rad
+    out_lo, out_hi = lo, hi  # IBP's head bounds (or the first and only layer's)
     pair_hi = None
     if policy.spec.head in DISCRETE_HEADS:
         pair_hi = out_hi[:, :, None] - out_lo[:, None, :]
     if method == "crown":
         if n_layers > 1:
-            c_lo, c_hi = _crown(w_out, b_out, n_layers - 2, weights, biases, relax, inp)
+            c_lo, c_hi = _crown(w_out, b_out, n_layers - 2, weights, biases, relax, inp, fast_ibp)
             if intersect:
                 out_lo, out_hi = torch.maximum(out_lo, c_lo), torch.minimum(out_hi, c_hi)
             else:
@@ -335,10 +565,13 @@ def _bound_chunk(
             # bound z_i - z_j as one linear function: tighter than u_i - l_j
             eye = torch.eye(k, dtype=w_out.dtype)
             spec = (eye[:, None, :] - eye[None, :, :]).reshape(k * k, k)
-            _, p_hi = _crown(spec @ w_out, spec @ b_out, n_layers - 2, weights, biases, relax, inp)
+            top = n_layers - 2
+            _, p_hi = _crown(spec @ w_out, spec @ b_out, top, weights, biases, relax, inp, fast_ibp)
             p_hi = p_hi.reshape(-1, k, k)
             pair_hi = torch.minimum(pair_hi, p_hi) if intersect else p_hi
 
+    if not need_q:
+        return _ChunkBounds(out_lo, out_hi, pair_hi, torch.zeros(0))
     q = w_out.abs()
     for j in range(n_layers - 2, -1, -1):
         q = (q * slopes[j][:, None, :]) @ weights[j].abs()
@@ -366,6 +599,7 @@ def output_bounds(
     method: str = "crown",
     intersect: bool = True,
     chunk_size: int = 1024,
+    precise: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-state bounds on the head output (mean or logits) over the ε-ball, float64.
 
@@ -375,6 +609,9 @@ def output_bounds(
     :param method: ``"crown"`` or ``"ibp"``.
     :param intersect: intersect CROWN's bounds with IBP's (False gives pure CROWN, for study).
     :param chunk_size: states per batch (capped to bound memory).
+    :param precise: every product in float64 (the default computes CROWN's back-substitution
+        onto the input in float32 and widens it by its rounding-error bound: as sound, a few
+        times faster, and looser by that margin only).
     :returns: ``(lower, upper)``, each (N, act_dim).
     """
     _check_method(method)
@@ -384,7 +621,7 @@ def output_bounds(
     los, his = [], []
     for start in range(0, len(x), size):
         inp = _input_set(policy, x[start : start + size], threat, torch.float64)
-        b = _bound_chunk(policy, weights, biases, inp, method, intersect)
+        b = _bound_chunk(policy, weights, biases, inp, method, intersect, not precise, False)
         los.append(b.out_lo)
         his.append(b.out_hi)
     return torch.cat(los), torch.cat(his)
@@ -412,10 +649,12 @@ def ball_bounds(
     method: str = "crown",
     eps: np.ndarray | Tensor | None = None,
     chunk_size: int = 1024,
+    precise: bool = False,
 ) -> BallBounds:
     """:func:`output_bounds` with the clean output and, for argmax heads, the pairwise bounds.
 
     :param eps: (N,) one radius per state instead of ``threat.eps`` (same units and norm).
+    :param precise: as in :func:`output_bounds`.
     """
     _check_method(method)
     x = as_states(policy, states)
@@ -428,7 +667,7 @@ def ball_bounds(
     for start in range(0, len(x), size):
         chunk_eps = None if per is None else per[start : start + size]
         inp = _input_set(policy, x[start : start + size], threat, torch.float64, chunk_eps)
-        b = _bound_chunk(policy, weights, biases, inp, method, intersect=True)
+        b = _bound_chunk(policy, weights, biases, inp, method, True, not precise, False)
         clean = inp.center
         for j, (w, bias) in enumerate(zip(weights, biases)):
             clean = clean @ w.T + bias
@@ -531,6 +770,7 @@ def certify_local(
     method: str = "crown",
     tau: float = DEFAULT_TAU,
     chunk_size: int = 1024,
+    precise: bool = False,
 ) -> LocalCertificate:
     """Certified per-state bounds on the shift and TV over the ε-ball around each state.
 
@@ -540,6 +780,7 @@ def certify_local(
     :param method: ``"crown"`` (tighter) or ``"ibp"`` (faster).
     :param tau: TV threshold for ``frac_tv_le_tau``.
     :param chunk_size: states per batch (capped to bound memory).
+    :param precise: as in :func:`output_bounds`.
     """
     _check_method(method)
     if not 0.0 < tau <= 1.0:
@@ -556,7 +797,7 @@ def certify_local(
     size = _chunk_size(weights, chunk_size)
     for start in range(0, len(x), size):
         inp = _input_set(policy, x[start : start + size], threat, dt)
-        b = _bound_chunk(policy, weights, biases, inp, method, intersect=True)
+        b = _bound_chunk(policy, weights, biases, inp, method, True, not precise)
         clean = inp.center
         for j, (w, bias) in enumerate(zip(weights, biases)):
             clean = clean @ w.T + bias

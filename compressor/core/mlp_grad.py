@@ -158,19 +158,26 @@ class OutputObjective:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Objective per row at ``x`` and its gradient with respect to ``x`` (None without
         ``need_grad``). Call it with gradients off (``torch.no_grad``, as PGD does)."""
+        val, grad, _ = self.value_grad_output(x, need_grad)
+        return val, grad
+
+    def value_grad_output(
+        self, x: torch.Tensor, need_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`value_and_grad` and the network's output at ``x`` (batch, out)."""
         out, saved = self.net.forward(x)
         if not need_grad:
-            return self.head(out).detach(), None
+            return self.head(out).detach(), None, out
         if self.head_grad is not None:
             val, g_out = self.head_grad(out)
-            return val, self.net.input_grad(saved, g_out)
+            return val, self.net.input_grad(saved, g_out), out
         leaf = out.detach().requires_grad_(True)
         with torch.enable_grad():
             val = self.head(leaf)
             (g_out,) = torch.autograd.grad(val.sum(), leaf, allow_unused=True)
         if g_out is None:  # the head ignores the output: a flat objective
             g_out = torch.zeros_like(out)
-        return val.detach(), self.net.input_grad(saved, g_out)
+        return val.detach(), self.net.input_grad(saved, g_out), out
 
 
 def _normalisation(policy: Policy) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -95,6 +95,14 @@ def divergence_objective(
         (computed here, at ``probe``).
     :param probe: raw observations (the attacked batch) to check the recognition on.
     """
+    return divergence_objective_and_ref(policy, clean, probe)[0]
+
+
+def divergence_objective_and_ref(
+    policy: Policy, clean: torch.Tensor | None, probe: torch.Tensor
+) -> tuple[Objective, torch.Tensor]:
+    """:func:`divergence_objective` and the reference output it measures from (``clean``, or
+    the one computed at ``probe``)."""
     entry = _entry(policy, _signature(policy), lambda: mlp_of_policy(policy, probe))
     with torch.no_grad():
         ref = clean if clean is not None else (entry.net or policy)(probe)
@@ -103,11 +111,11 @@ def divergence_objective(
         return policy.divergence(ref, out)
 
     if entry.net is None:
-        return lambda x: head(policy(x))
+        return (lambda x: head(policy(x))), ref
     if "divergence" not in entry.checked:
         entry.checked["divergence"] = _divergence_agrees(policy, entry.net, probe)
     grad = _divergence_grad(policy, ref) if entry.checked["divergence"] else None
-    return OutputObjective(entry.net, head, grad)
+    return OutputObjective(entry.net, head, grad), ref
 
 
 def value_objective(

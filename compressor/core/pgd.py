@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compressor.core.mlp_grad import OutputObjective
-from compressor.core.objectives import divergence_objective, policy_objective
+from compressor.core.objectives import divergence_objective_and_ref, policy_objective
 from compressor.core.threat import ThreatModel, project, sample_ball
 
 if TYPE_CHECKING:
@@ -44,6 +44,34 @@ def pgd(
     :param random_start: start from a uniform point of the ball instead of the centre.
     :param generator: RNG for the random start.
     """
+    return pgd_with_output(
+        objective,
+        x0,
+        scale,
+        eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        generator=generator,
+    )[0]
+
+
+def pgd_with_output(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "inf",
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`pgd` (the same steps), and the network's output at the returned point where the
+    objective is an :class:`~compressor.core.mlp_grad.OutputObjective` (its evaluation there,
+    kept from the ascent: no extra forward pass), else None."""
     x0 = x0.detach()
     scale = scale.detach().to(x0.dtype)
     alpha = step_size if step_size is not None else eps / max(steps, 1)
@@ -60,14 +88,17 @@ def pgd(
         value_and_grad = _by_autograd(objective, x0, scale)
     best = delta.clone()
     best_val = torch.full((x0.shape[0],), -torch.inf, dtype=x0.dtype)
+    best_out: torch.Tensor | None = None
     with quiet():
         for i in range(steps + 1):
             # one objective evaluation per iterate serves both the best-iterate bookkeeping
             # and the gradient of the next step (the last iterate needs no gradient)
-            val, grad = value_and_grad(delta, i < steps)
+            val, grad, out = value_and_grad(delta, i < steps)
             better = val > best_val
             best = torch.where(better[:, None], delta, best)
             best_val = torch.where(better, val, best_val)
+            if out is not None:
+                best_out = out if best_out is None else torch.where(better[:, None], out, best_out)
             if grad is None:
                 break
             if norm == "inf":  # α·sign(g) is exact, so the fused add rounds as δ + α·sign(g)
@@ -75,34 +106,37 @@ def pgd(
             else:
                 step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 delta = project(delta + alpha * step, eps, norm)
-    return (x0 + best * scale).detach()
+    return (x0 + best * scale).detach(), best_out
 
 
-#: ``(δ, need_grad) -> (objective at x0 + δ·scale, its gradient with respect to δ or None)``,
-#: called with gradients off (each path turns on what it needs)
-ValueAndGrad = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+#: ``(δ, need_grad) -> (objective at x0 + δ·scale, its gradient with respect to δ or None, the
+#: network's output there or None)``, called with gradients off (each path turns on what it
+#: needs)
+ValueAndGrad = Callable[
+    [torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+]
 
 
 def _by_autograd(
     objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, scale: torch.Tensor
 ) -> ValueAndGrad:
-    def value_and_grad(delta: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Any]:
+    def value_and_grad(delta: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Any, None]:
         if not need_grad:
-            return objective(x0 + delta * scale).detach(), None
+            return objective(x0 + delta * scale).detach(), None, None
         d = delta.detach().requires_grad_(True)
         with torch.enable_grad():
             val = objective(x0 + d * scale)
             (grad,) = torch.autograd.grad(val.sum(), d)
-        return val.detach(), grad
+        return val.detach(), grad, None
 
     return value_and_grad
 
 
 def _by_hand(objective: OutputObjective, x0: torch.Tensor, scale: torch.Tensor) -> ValueAndGrad:
     # the same chain rule as autograd's through ``x0 + δ·scale``: ∂/∂δ = scale · ∂/∂x
-    def value_and_grad(delta: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Any]:
-        val, grad_x = objective.value_and_grad(x0 + delta * scale, need_grad)
-        return val, None if grad_x is None else grad_x * scale
+    def value_and_grad(delta: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Any, Any]:
+        val, grad_x, out = objective.value_grad_output(x0 + delta * scale, need_grad)
+        return val, None if grad_x is None else grad_x * scale, out
 
     return value_and_grad
 
@@ -143,6 +177,21 @@ def max_divergence_point(
     regulariser's inner max).
 
     :param ref: ``policy(x)`` if the caller already has it (without gradient)."""
+    return max_divergence_measured(policy, x, scale, threat, steps, generator, ref)[0]
+
+
+def max_divergence_measured(
+    policy: Policy,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    generator: torch.Generator | None = None,
+    ref: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`max_divergence_point` (the same point), with the policy's output at ``x`` it
+    measured from and its output at the returned point (None where the network is not one
+    :mod:`compressor.core.mlp_grad` evaluates by hand): both come from the ascent itself."""
     if policy.spec.head == "q_greedy":  # MAD's margin, not a divergence (attack_objective)
         if ref is None:
             with torch.no_grad():
@@ -150,5 +199,15 @@ def max_divergence_point(
         clean = ref
         objective = policy_objective(policy, lambda out: policy.attack_objective(clean, out), x)
     else:  # attack_objective is the divergence: its gradient by hand where it is recognised
-        objective = divergence_objective(policy, ref, x)
-    return pgd_in_ball(objective, x, scale, threat, steps, generator)
+        objective, clean = divergence_objective_and_ref(policy, ref, x)
+    adv, out = pgd_with_output(
+        objective,
+        x,
+        scale,
+        threat.eps,
+        norm=threat.norm,
+        steps=steps,
+        random_start=True,
+        generator=generator,
+    )
+    return adv, clean, out
