@@ -11,8 +11,8 @@ import torch
 from compressor.certify.global_bound import certify_global
 from compressor.core.config import FinetuneConfig, load_profile
 from compressor.core.errors import CompressorError
-from compressor.core.threat import ThreatModel
 from compressor.core.pgd import pgd_in_ball
+from compressor.core.threat import ThreatModel
 from compressor.finetune.distill import _batches, distill
 from compressor.policy.model import Policy
 from compressor.policy.native import load_native, save_policy
