@@ -16,6 +16,7 @@ Each export is written atomically and parity-checked, from the written file, in 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -54,6 +55,9 @@ PARITY_ATOL = 1e-5
 # observations produces large outputs whose float32 rounding alone exceeds 1e-5.
 PARITY_RTOL = 1e-5
 PARITY_BATCHES = (1, 2, 7)
+# onnxruntime may round up to this many times torch's own float32 rounding (see
+# :func:`float32_rounding`) beyond the fixed tolerances
+PARITY_ROUNDING = 4.0
 INPUT_NAME = "obs"
 OUTPUT_NAME = "action"
 RESERVED_KEYS = ("spec", "compressor_version", "interface", "action_std")
@@ -531,10 +535,39 @@ def parity_observations(policy: Policy, n: int, spread: float, seed: int) -> np.
     return (mean + std * spread * g.standard_normal((n, d))).astype(np.float32)
 
 
+def float32_rounding(policy: Policy, obs: np.ndarray) -> np.ndarray:
+    """How much float32 arithmetic alone moves this network's actions at ``obs``: per action
+    dimension, the largest over the batch of torch's own float32 rounding of the head output
+    (the same network in float64 on the same normalised input) times the deployment map's
+    largest slope.
+
+    A network whose head outputs are large (SAC's, without observation normalisation, reach
+    |μ| ≈ 90 on ordinary states) rounds its pre-tanh output by 1e-5 and more; onnxruntime sums
+    in another order and rounds as much, so the parity check allows a few times this on top of
+    its fixed tolerances. It is measured before the squash because after it a lucky batch (rows
+    where tanh is flat) would hide the rounding that other rows show.
+
+    :param policy: the torch policy. :param obs: the raw observation batch.
+    """
+    if policy.action_map == "argmax":
+        return np.zeros(1)
+    exact = copy.deepcopy(policy).double()
+    with torch.no_grad():
+        z = policy.normalize(torch.as_tensor(obs, device=policy.obs_mean.device))
+        out32 = policy.trunk_forward(z, rowwise=True).double()
+        out64 = exact.trunk_forward(z.double())
+        slope = torch.ones_like(out64[0])
+        if policy.action_map == "tanh_rescale":
+            slope = 0.5 * (exact.action_high - exact.action_low)
+        err = ((out32 - out64).abs().amax(dim=0) * slope).cpu().numpy()
+    return np.nan_to_num(err, nan=0.0)
+
+
 def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> float:
     """Compare an exported model with ``policy.act``; raise :class:`CompressorError` on mismatch.
 
-    Continuous heads must agree within ``PARITY_ATOL + PARITY_RTOL·|torch|`` everywhere.
+    Continuous heads must agree within ``PARITY_ATOL + PARITY_RTOL·|torch|`` plus
+    ``PARITY_ROUNDING`` times torch's own float32 rounding (:func:`float32_rounding`) everywhere.
     Categorical heads must pick the same action, except where torch's own logits tie within
     float32 noise (1e-5 relative), where either choice is equally right.
 
@@ -549,6 +582,13 @@ def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> fl
     discrete = policy.spec.head in DISCRETE_HEADS
     far = max(30.0, 3.0 * float(policy.spec.obs_clip or 0.0))  # beyond the clip
     worst = 0.0
+    # torch's own rounding at each spread, on a sample of its own (a batch of one is a lucky
+    # or unlucky single row)
+    rounding = [
+        PARITY_ROUNDING
+        * float32_rounding(policy, parity_observations(policy, 64, spread, seed * 1000 + 500 + j))
+        for j, spread in enumerate((1.0, far))
+    ]
     for k, n in enumerate(PARITY_BATCHES):
         for j, spread in enumerate((1.0, far)):
             obs = parity_observations(policy, n, spread, seed * 1000 + 10 * k + j)
@@ -574,7 +614,8 @@ def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> fl
                     )
                 continue
             diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-            if not np.all(diff <= PARITY_ATOL + PARITY_RTOL * np.abs(ref)):  # NaN fails too
+            tol = PARITY_ATOL + PARITY_RTOL * np.abs(ref) + rounding[j]
+            if not np.all(diff <= tol):  # NaN fails too
                 bad = float(np.nanmax(diff)) if np.isfinite(diff).any() else math.nan
                 raise CompressorError(
                     f"exported model disagrees with torch (batch {n}, max |Δ| = {bad:.3g} > "
