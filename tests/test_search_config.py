@@ -190,6 +190,14 @@ def test_every_shipped_profile_has_its_reference_policy(name: str) -> None:
 
     prof = load_profile(name)
     path = profile_policy_path(prof)
+    if not prof.policy:  # a profile for the user's own file (hopper-sac): its env exists, and
+        # profiles/README.md says what it is for
+        import gymnasium as gym
+
+        gym.spec(prof.env.id)
+        readme = (Path(__file__).resolve().parents[1] / "profiles" / "README.md").read_text()
+        assert f"`{name}.toml`" in readme.split("## Profiles without a policy")[-1]
+        return
     assert path is not None and path.is_file(), f"{name}: no reference policy"
     loaded = load_policy(path)
     spec = loaded.policy.spec
