@@ -419,7 +419,9 @@ def _input_crown32(
     ``n_h + 5`` roundings per term: the inputs to float32, the slope product, the dot product,
     the sum of the two sides), so ``|L|·r ≤ |L̃|·r + γ·|coef| @ (|slope| * (|w| @ r))``, a
     matrix-vector product; the float32 sum of non-negative terms itself is widened by
-    ``1 + 2γ_{n_in+2}`` and ``r`` is rounded up.
+    ``1 + 2γ_{n_in+2}`` and ``r`` is rounded up. For the box (not ℓ2), ``r`` is one column for
+    the chunk folded into ``w``'s float32 columns (one rounding more, ``γ_{n_h+6}``) unless a
+    clip made some state's box narrower.
     """
     al, bl, au, bu = relax
     a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)  # (B, n_h): slopes of the mid and half-gap lines
