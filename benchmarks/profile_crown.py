@@ -1,15 +1,20 @@
 """Where CROWN's time goes on the reference policy: cProfile of ``output_bounds`` on visited
 states (one thread), per function of ``compressor/certify/local.py``.
 
-    python benchmarks/profile_crown.py [--states 2000] [--policy profiles/hopper.pt]
+    python benchmarks/profile_crown.py [--states 2000] [--policy profiles/hopper.pt] [--wall]
+
+``--wall``: instead of cProfile, the wall time inside each of the module's main functions
+(``perf_counter`` around each call, inclusive; no per-call profiler overhead).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite  # noqa: E402
 
-from compressor.certify.local import output_bounds  # noqa: E402
+import compressor.certify.local as local  # noqa: E402
 from compressor.core.threat import ThreatModel  # noqa: E402
 from compressor.policy.loading import load_policy  # noqa: E402
 
@@ -29,15 +34,19 @@ def main() -> None:
     ap.add_argument("--env", default="Hopper-v5")
     ap.add_argument("--eps", type=float, default=0.075)
     ap.add_argument("--states", type=int, default=2000)
+    ap.add_argument("--wall", action="store_true", help="per-function wall time, no cProfile")
     args = ap.parse_args()
     torch.set_num_threads(1)
     policy = load_policy(args.policy).policy.eval()
     states = suite._states(policy, args.env, args.states)
     threat = ThreatModel(args.eps)
-    output_bounds(policy, states[:64], threat)  # first-use costs apart
+    local.output_bounds(policy, states[:64], threat)  # first-use costs apart
+    if args.wall:
+        _wall(policy, states, threat)
+        return
     prof = cProfile.Profile()
     prof.enable()
-    output_bounds(policy, states, threat)
+    local.output_bounds(policy, states, threat)
     prof.disable()
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
@@ -49,6 +58,36 @@ def main() -> None:
     ]
     for cum, name in sorted(rows, reverse=True)[:12]:
         print(f"  {name:24s} {cum:7.3f} s cumulative ({cum / total:5.1%})")
+
+
+_TIMED = ("_input_crown32", "_relax", "_first_step32", "_step_pair", "_touching_tangent", "_act")
+
+
+def _wall(policy: object, states: object, threat: ThreatModel) -> None:
+    spent: collections.Counter[str] = collections.Counter()
+    saved = {name: getattr(local, name) for name in _TIMED}
+
+    def timed(name: str, f):  # type: ignore[no-untyped-def]
+        def g(*a, **k):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            out = f(*a, **k)
+            spent[name] += time.perf_counter() - t0
+            return out
+
+        return g
+
+    for name, f in saved.items():
+        setattr(local, name, timed(name, f))
+    try:
+        t0 = time.perf_counter()
+        local.output_bounds(policy, states, threat)  # type: ignore[arg-type]
+        total = time.perf_counter() - t0
+    finally:
+        for name, f in saved.items():
+            setattr(local, name, f)
+    print(f"{len(states)} states, {total:.3f} s wall (per function, inclusive):")  # type: ignore[arg-type]
+    for name, sec in spent.most_common():
+        print(f"  {name:24s} {sec:7.3f} s ({sec / total:5.1%})")
 
 
 if __name__ == "__main__":

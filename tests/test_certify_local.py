@@ -247,6 +247,29 @@ def test_fast_bounds_contain_samples_and_pgd_and_stay_close_to_float64():
         assert ((hi - lo) <= 1.002 * width + 1e-9).all()
 
 
+def test_fast_bounds_where_the_clip_narrows_some_boxes():
+    # half the states sit just inside Hopper's clip on one coordinate, so their boxes are
+    # narrower there than the chunk's widest: the float32 spread must take each state's radius
+    # (sound and as tight as float64's), not the chunk's folded column
+    hopper = load_policy(HOPPER).policy.eval()
+    g = torch.Generator().manual_seed(5)
+    scale = hopper.obs_scale().detach()
+    x = hopper.obs_mean + torch.randn(16, hopper.spec.obs_dim, generator=g) * scale
+    x[::2, 0] = hopper.obs_mean[0] + 9.99 * scale[0]
+    threat = ThreatModel(0.075)
+    inp = local._input_set(hopper, x, threat, torch.float64)
+    rad = 0.5 * (inp.hi - inp.lo)
+    assert (rad[::2, 0] < 0.6 * rad[1::2, 0]).all()
+    lo, hi = output_bounds(hopper, x, threat)
+    p_lo, p_hi = output_bounds(hopper, x, threat, precise=True)
+    outs = perturbed_outputs(hopper, x, threat, k=16)
+    assert (outs >= lo - TOL_ABS - TOL_REL * lo.abs()).all()
+    assert (outs <= hi + TOL_ABS + TOL_REL * hi.abs()).all()
+    width = p_hi - p_lo
+    assert (lo <= p_lo + 1e-12).all() and (hi >= p_hi - 1e-12).all()
+    assert ((hi - lo) <= 1.002 * width + 1e-9).all()
+
+
 def _with_gamma(value):
     """Temporarily replace the rounding-error factor γ_n (0: no margin at all)."""
     return mock.patch.object(local, "_gamma", lambda n: value * n * 2.0**-24)

@@ -304,7 +304,8 @@ def _step_pair(
     k = lam.shape[1] // 2
     mag = lam.abs()
     mag[:, :k].neg_()  # -|lam| for the lower rows, +|lam| for the upper
-    const = const + (torch.bmm(lam, c_m[:, :, None]) + torch.bmm(mag, c_d[:, :, None]))[..., 0]
+    # per-state dot products as a multiply and a sum: a batched GEMV (bmm) is slower here
+    const = const + (lam * c_m[:, None, :]).add_(mag * c_d[:, None, :]).sum(-1)
     return (lam * a_m[:, None, :]).add_(mag.mul_(a_d[:, None, :])) @ w, const
 
 
@@ -376,7 +377,7 @@ def _first_step32(
     gap_line = (c_d + a_d * h + margin) @ mag.T + _UNDERFLOW
     # constants such that λ̃·a + const bounds the true function for every a in its bounds
     const = torch.cat([mid_line - gap_line, mid_line + gap_line], dim=1)
-    return lam, const - torch.bmm(lam, a_c[:, :, None])[..., 0]
+    return lam, const - (lam * a_c[:, None, :]).sum(-1)
 
 
 # ---- the float32 back-substitution onto the input, with its rounding-error margin ----------------
@@ -418,13 +419,21 @@ def _input_crown32(
     ``n_h + 5`` roundings per term: the inputs to float32, the slope product, the dot product,
     the sum of the two sides), so ``|L|·r ≤ |L̃|·r + γ·|coef| @ (|slope| * (|w| @ r))``, a
     matrix-vector product; the float32 sum of non-negative terms itself is widened by
-    ``1 + 2γ_{n_in+2}`` and ``r`` is rounded up.
+    ``1 + 2γ_{n_in+2}`` and ``r`` is rounded up. For the box (not ℓ2), ``r`` is one column for
+    the chunk folded into ``w``'s float32 columns (one rounding more, ``γ_{n_h+6}``) unless a
+    clip made some state's box narrower.
     """
     al, bl, au, bu = relax
     a_m, a_d = 0.5 * (au + al), 0.5 * (au - al)  # (B, n_h): slopes of the mid and half-gap lines
     mag = coef.abs()
     nb, (n_out, n_h), n_in = len(a_m), coef.shape, w.shape[1]
-    w32 = w.to(torch.float32)
+    rad = 0.5 * (inp.hi - inp.lo)
+    # the box's radius: one column for the chunk (each coordinate's largest, rounded up; ≥ every
+    # state's, so sound for all and tight unless the clip shrinks some state's box), folded into
+    # w's columns so the spread is an ℓ1 norm of L̃ with no pass of its own; ℓ2 needs L itself
+    r_col = _up32(rad.amax(0))
+    fold = inp.norm != "2" and bool((rad >= r_col.to(rad.dtype) * (1.0 - 1e-6)).all())
+    w32 = w.to(torch.float32) * r_col if fold else w.to(torch.float32)
     # (n_h, n_in, B) layout: one GEMM per side over all states, states innermost (contiguous)
     x_m = w32[:, :, None] * a_m.T.to(torch.float32).contiguous()[:, None, :]
     x_d = w32[:, :, None] * a_d.T.to(torch.float32).contiguous()[:, None, :]
@@ -432,27 +441,33 @@ def _input_crown32(
     lam_d = (mag.to(torch.float32) @ x_d.view(n_h, -1)).view(n_out, n_in, nb)
     lam_l = torch.sub(lam_m, lam_d, out=x_m.view(n_out, n_in, nb) if n_out == n_h else None)
     lam_u = lam_m.add_(lam_d)
-    lam_l, lam_u = lam_l.abs_(), lam_u.abs_()  # |L̃| of either side
     slope_abs = a_m.abs() + a_d.abs()
     w_abs = w.abs()
+    # roundings per term: coef, slope and w to float32, (the radius product,) the slope product,
+    # the dot product, the sum of the two sides
+    n_round = n_h + 5 + int(fold)
 
     def side(centre: Tensor, r: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor]:
         # the constants plus L·centre (float64; intercepts after substituting h = w z + b), and
         # the margin for r (B, n_in) or (n_in,), r ≥ 0
         h = centre @ w.T + b  # (B, n_h): h at the centre
         mid_line = (0.5 * (bu + bl) + a_m * h) @ coef.T + bias
-        r_rows = r if r.ndim == 2 else r.expand(nb, -1)
-        margin = _gamma(n_h + 5) * slope_abs * (r_rows @ w_abs.T) * scale
+        margin = _gamma(n_round) * slope_abs * (r @ w_abs.T) * scale
         # the half-gap line and the margin both multiply |coef| and both widen: one product
         gap_line = (0.5 * (bu - bl) + a_d * h + margin) @ mag.T
         return mid_line - gap_line, mid_line + gap_line
 
-    def spread(lam: Tensor, r32: Tensor) -> Tensor:
-        # Σ_j |L̃_ij| r_j over (n_out, n_in, B), r32 (1, n_in, B) ≥ r rounded up; widened for
-        # the float32 sum of non-negative terms
-        return (lam * r32).sum(1).T.to(torch.float64) * (1.0 + 2.0 * _gamma(n_in + 2))
+    def spread(lam: Tensor, r32: Tensor | None) -> Tensor:
+        # Σ_j |L̃_ij| r_j over (n_out, n_in, B), r32 (1, n_in, B) ≥ r rounded up (or folded into
+        # L̃ already); widened for the float32 sum of non-negative terms
+        out = (lam.abs_() if r32 is None else lam.abs_() * r32).sum(1)
+        return out.T.to(torch.float64) * (1.0 + 2.0 * _gamma(n_in + 2))
 
-    rad = 0.5 * (inp.hi - inp.lo)
+    if fold:
+        low, high = side(0.5 * (inp.lo + inp.hi), r_col.to(torch.float64), 1.0)
+        lower = low - spread(lam_l, None) - _UNDERFLOW
+        upper = high + spread(lam_u, None) + _UNDERFLOW
+        return lower, upper
     low, high = side(0.5 * (inp.lo + inp.hi), rad, 1.0)
     rad32 = _up32(rad).T.contiguous()[None]
     lower = low - spread(lam_l, rad32) - _UNDERFLOW
