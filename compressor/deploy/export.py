@@ -535,11 +535,11 @@ def parity_observations(policy: Policy, n: int, spread: float, seed: int) -> np.
     return (mean + std * spread * g.standard_normal((n, d))).astype(np.float32)
 
 
-def float32_rounding(policy: Policy, obs: np.ndarray) -> np.ndarray:
-    """How much float32 arithmetic alone moves this network's actions at ``obs``: per action
-    dimension, the largest over the batch of torch's own float32 rounding of the head output
-    (the same network in float64 on the same normalised input) times the deployment map's
-    largest slope.
+def float32_rounding(policy: Policy, batches: list[np.ndarray]) -> list[np.ndarray]:
+    """How much float32 arithmetic alone moves this network's actions on each observation
+    batch: per action dimension, the largest over the batch of torch's own float32 rounding of
+    the head output (the same network in float64 on the same normalised input) times the
+    deployment map's largest slope.
 
     A network whose head outputs are large (SAC's, without observation normalisation, reach
     |μ| ≈ 90 on ordinary states) rounds its pre-tanh output by 1e-5 and more; onnxruntime sums
@@ -547,20 +547,22 @@ def float32_rounding(policy: Policy, obs: np.ndarray) -> np.ndarray:
     its fixed tolerances. It is measured before the squash because after it a lucky batch (rows
     where tanh is flat) would hide the rounding that other rows show.
 
-    :param policy: the torch policy. :param obs: the raw observation batch.
+    :param policy: the torch policy. :param batches: raw observation batches.
     """
     if policy.action_map == "argmax":
-        return np.zeros(1)
-    exact = copy.deepcopy(policy).double()
+        return [np.zeros(1) for _ in batches]
+    exact = copy.deepcopy(policy).double()  # one float64 copy for every batch
+    slope = torch.ones(policy.spec.act_dim, dtype=torch.float64, device=policy.obs_mean.device)
+    if policy.action_map == "tanh_rescale":
+        slope = 0.5 * (exact.action_high - exact.action_low)
+    out = []
     with torch.no_grad():
-        z = policy.normalize(torch.as_tensor(obs, device=policy.obs_mean.device))
-        out32 = policy.trunk_forward(z, rowwise=True).double()
-        out64 = exact.trunk_forward(z.double())
-        slope = torch.ones_like(out64[0])
-        if policy.action_map == "tanh_rescale":
-            slope = 0.5 * (exact.action_high - exact.action_low)
-        err = ((out32 - out64).abs().amax(dim=0) * slope).cpu().numpy()
-    return np.nan_to_num(err, nan=0.0)
+        for obs in batches:
+            z = policy.normalize(torch.as_tensor(obs, device=policy.obs_mean.device))
+            out32 = policy.trunk_forward(z, rowwise=True).double()
+            err = (out32 - exact.trunk_forward(z.double())).abs().amax(dim=0) * slope
+            out.append(np.nan_to_num(err.cpu().numpy(), nan=0.0))
+    return out
 
 
 def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> float:
@@ -584,11 +586,11 @@ def parity_error(policy: Policy, model: str | Path | bytes, seed: int = 0) -> fl
     worst = 0.0
     # torch's own rounding at each spread, on a sample of its own (a batch of one is a lucky
     # or unlucky single row)
-    rounding = [
-        PARITY_ROUNDING
-        * float32_rounding(policy, parity_observations(policy, 64, spread, seed * 1000 + 500 + j))
+    samples = [
+        parity_observations(policy, 64, spread, seed * 1000 + 500 + j)
         for j, spread in enumerate((1.0, far))
     ]
+    rounding = [PARITY_ROUNDING * r for r in float32_rounding(policy, samples)]
     for k, n in enumerate(PARITY_BATCHES):
         for j, spread in enumerate((1.0, far)):
             obs = parity_observations(policy, n, spread, seed * 1000 + 10 * k + j)
