@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from compressor.core.config import DECISION_SEED_END, FinetuneConfig, load_profile
+from compressor.core.errors import CompressorError
 from compressor.core.threat import ThreatModel
 from compressor.finetune import FinetuneInputs, finetune_candidate
 from compressor.finetune.distill import distill_with_dagger
@@ -58,6 +59,44 @@ def test_selector_restores_the_best_checkpoint_at_the_final_mask() -> None:
     summary = sel.summary(chosen)
     assert [c["label"] for c in summary["checkpoints"]] == ["a", "b", "c"]
     assert summary["reference_mean"] == pytest.approx(1.0)
+
+
+def test_selection_keeps_the_best_worst_condition_not_the_best_clean_return() -> None:
+    """With attacked returns the score is the worse of the conditions' differences from the
+    dense policy: a checkpoint level with the teacher on clean but 300 below it under MAD
+    loses to one 50 below on clean and 20 below under MAD."""
+    ref = {"clean": np.full(4, 1000.0), "mad": np.full(4, 800.0)}
+    offers = iter(
+        [
+            {"clean": np.full(4, 1000.0), "mad": np.full(4, 500.0)},  # score -300
+            {"clean": np.full(4, 950.0), "mad": np.full(4, 780.0)},  # score -50
+            {"clean": np.full(4, 1010.0), "mad": np.full(4, 600.0)},  # score -200
+        ]
+    )
+    sel = CheckpointSelector(lambda p: (next(offers), 3), ref)
+    pol = prune(make_policy(hidden=(8,)), 0.5)
+    kept = [sel.offer(pol, label) for label in ("a", "b", "c")]
+    assert kept == [True, True, False]
+    best = sel.best(pol.sparsity())
+    assert best is not None and best.label == "b" and best.score == pytest.approx(-50.0)
+    summary = sel.summary(best)
+    assert summary["reference_attacked"] == {"mad": 800.0}
+    assert summary["checkpoints"][0]["attacked"] == {"mad": 500.0}
+    assert [c["score"] for c in summary["checkpoints"]] == [-300.0, -50.0, -200.0]
+    # clean only (an array), the score is the clean difference: the best clean return wins
+    clean = iter([np.full(4, 1000.0), np.full(4, 950.0), np.full(4, 1010.0)])
+    sel2 = CheckpointSelector(lambda p: (next(clean), 3), ref["clean"])
+    for label in ("a", "b", "c"):
+        sel2.offer(pol, label)
+    got = sel2.best(pol.sparsity())
+    assert got is not None and got.label == "c" and "attacked" not in got.to_dict()
+
+
+def test_select_attacks_must_be_cheap_distinct_attacks() -> None:
+    assert FinetuneConfig(select_attacks=["mad", "random"]).select_attacks == ["mad", "random"]
+    for bad in (["sa_rl"], ["critic"], ["mad", "mad"], ["nope"]):
+        with pytest.raises(CompressorError, match="select_attacks"):
+            FinetuneConfig(select_attacks=bad)
 
 
 def test_falls_and_clearly_lost() -> None:
@@ -153,7 +192,7 @@ def test_selection_on_real_cartpole_episodes(tmp_path: object) -> None:
     best = max(c["mean"] for c in sel["checkpoints"])
     evaluate = selection_evaluator(prof, 3, threat)
     assert evaluate is not None
-    assert float(np.mean(evaluate(pol)[0])) == pytest.approx(best, abs=1e-3)
+    assert float(np.mean(evaluate(pol)[0]["clean"])) == pytest.approx(best, abs=1e-3)
     assert sel["env_steps"] > 0
 
 
@@ -164,3 +203,28 @@ def test_finetune_candidate_without_an_evaluator_has_no_selection() -> None:
     cfg = FinetuneConfig(steps=10, batch_size=16, dagger_rounds=0, select_episodes=4)
     inputs = FinetuneInputs(teacher, states, None, lambda p: states, None, "", {})
     assert finetune_candidate(student, inputs, cfg).selection is None
+
+
+def test_selection_evaluator_adds_the_attacked_returns_on_the_same_seeds() -> None:
+    """``select_attacks``: the evaluator returns MAD's returns beside the clean ones, on the
+    selection seeds with the verdict's noise, equal to the attack's own evaluation there."""
+    from compressor.evaluate import evaluate_attack
+    from compressor.rl.noise import ObservationNoise
+
+    prof = load_profile("cartpole")
+    prof = dataclasses.replace(prof, evaluation=dataclasses.replace(prof.evaluation, num_envs=3))
+    threat = ThreatModel(prof.threat.eps, prof.threat.norm, prof.threat.space)
+    dense = load_native("profiles/cartpole.pt")
+    evaluate = selection_evaluator(prof, 3, threat, ["mad"])
+    assert evaluate is not None
+    got, steps = evaluate(dense)
+    assert isinstance(got, dict) and list(got) == ["clean", "mad"]
+    noise = ObservationNoise(prof.evaluation.obs_noise, threat, tuple(threat.scale(dense).tolist()))
+    mad = evaluate_attack(
+        dense, prof.env.id, prof.env.kwargs, selection_seeds(prof, 3), "mad", threat,
+        attack_seed=prof.attacks.seed, num_envs=3, noise=noise,
+    )  # fmt: skip
+    np.testing.assert_allclose(got["mad"], mad.stats.returns)
+    assert steps == int(got["clean"].sum() + got["mad"].sum())  # CartPole: reward 1 per step
+    with pytest.raises(CompressorError, match="threat"):
+        selection_evaluator(prof, 3, None, ["mad"])

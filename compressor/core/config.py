@@ -199,6 +199,9 @@ def check_finetune_settings(
 
 #: ``[finetune] adversarial_target`` values (see :class:`FinetuneConfig`)
 ADVERSARIAL_TARGETS = ("true", "perturbed")
+#: ``[finetune] select_attacks`` values: the attacks that need nothing but the policy (no
+#: critic, no training), cheap enough to run on every checkpoint
+SELECT_ATTACKS = ("random", "mad")
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,9 @@ class FinetuneConfig:
     :param select_episodes: episodes (on seeds of their own, apart from the verdict's) on which
         every fine-tuning checkpoint is evaluated; the one with the best return is kept
         (:mod:`compressor.finetune.select`; 0: off, the last checkpoint is kept).
+    :param select_attacks: attacks (of :data:`SELECT_ATTACKS`) each checkpoint is also
+        evaluated under, on the same seeds; the kept one then has the best worst-condition
+        difference from the dense policy (none: clean return only).
     :param dagger_patience: with selection, stop the DAgger rounds once this many in a row did
         not improve the selected return (0: run every round).
     :param lost_fraction: with selection, stop fine-tuning once a DAgger round did not improve
@@ -264,6 +270,7 @@ class FinetuneConfig:
     ppo_norm_reward: bool = True
     ppo_critic_steps: int = 20_000
     select_episodes: int = 0
+    select_attacks: list[str] = field(default_factory=list)
     dagger_patience: int = 0
     lost_fraction: float = 0.0
 
@@ -272,6 +279,12 @@ class FinetuneConfig:
             raise CompressorError(
                 f"finetune.adversarial_target must be one of {', '.join(ADVERSARIAL_TARGETS)}, "
                 f"not {self.adversarial_target!r}"
+            )
+        bad = [a for a in self.select_attacks if a not in SELECT_ATTACKS]
+        if bad or len(set(self.select_attacks)) < len(self.select_attacks):
+            raise CompressorError(
+                f"finetune.select_attacks lists distinct attacks of: {', '.join(SELECT_ATTACKS)} "
+                f"(got {self.select_attacks!r})"
             )
         check_finetune_settings(
             self.method, self.ppo_steps, self.ppo_num_envs, self.ppo_num_steps, self.ppo_minibatches

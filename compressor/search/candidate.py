@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,18 @@ from compressor.certify.at_states import certify_states
 from compressor.certify.deployed import certify_deployed
 from compressor.certify.global_bound import GlobalCertificate, certify_global
 from compressor.core.config import FinetuneConfig, Profile
+from compressor.core.errors import CompressorError
 from compressor.core.executor import Executor
 from compressor.core.progress import Progress, no_progress, shifted
 from compressor.core.stats import summarize_returns
 from compressor.core.threat import ThreatModel
-from compressor.evaluate import EvalResult, SuiteResult, evaluate, evaluate_suite
+from compressor.evaluate import (
+    EvalResult,
+    SuiteResult,
+    evaluate,
+    evaluate_attack,
+    evaluate_suite,
+)
 from compressor.finetune import (
     FinetuneInputs,
     FinetuneStats,
@@ -361,7 +368,7 @@ def prune_candidate(
         env_id,
         env_kwargs,
         seed=seed,
-        select=selection_evaluator(prof, ft_cfg.select_episodes, threat),
+        select=selection_evaluator(prof, ft_cfg.select_episodes, threat, ft_cfg.select_attacks),
         fall_fraction=prof.evaluation.fall_fraction,
     )
 
@@ -448,21 +455,37 @@ def selection_seeds(prof: Profile, episodes: int) -> list[int]:
 
 
 def selection_evaluator(
-    prof: Profile, episodes: int, threat: ThreatModel | None = None
-) -> Callable[[Policy], tuple[np.ndarray, int]] | None:
-    """Evaluates a policy's clean return on :func:`selection_seeds`, with the verdict's tiny
-    observation noise (``[evaluation] obs_noise``, with ``threat``); None: ``episodes`` = 0."""
+    prof: Profile,
+    episodes: int,
+    threat: ThreatModel | None = None,
+    attacks: Sequence[str] = (),
+) -> Callable[[Policy], tuple[dict[str, np.ndarray], int]] | None:
+    """Evaluates a policy's clean return on :func:`selection_seeds`, and its return under each
+    of ``attacks`` (``[finetune] select_attacks``; needs ``threat``) on the same seeds, with
+    the verdict's tiny observation noise (``[evaluation] obs_noise``, with ``threat``); None:
+    ``episodes`` = 0."""
     if episodes <= 0:
         return None
+    if attacks and threat is None:
+        raise CompressorError("finetune.select_attacks needs a threat model")
     seeds, ev_cfg = selection_seeds(prof, episodes), prof.evaluation
+    env_id, kwargs, n_envs = prof.env.id, prof.env.kwargs, ev_cfg.num_envs
 
-    def run(pol: Policy) -> tuple[np.ndarray, int]:
+    def run(pol: Policy) -> tuple[dict[str, np.ndarray], int]:
         noise = None
         if threat is not None and ev_cfg.obs_noise > 0:
             noise = ObservationNoise(ev_cfg.obs_noise, threat, tuple(threat.scale(pol).tolist()))
-        ev, res = evaluate(
-            pol, prof.env.id, prof.env.kwargs, seeds, num_envs=ev_cfg.num_envs, noise=noise
-        )
-        return np.asarray(ev.stats.returns, dtype=float), res.steps
+        ev, res = evaluate(pol, env_id, kwargs, seeds, num_envs=n_envs, noise=noise)
+        out = {"clean": np.asarray(ev.stats.returns, dtype=float)}
+        steps = res.steps
+        for name in attacks:
+            assert threat is not None
+            got = evaluate_attack(
+                pol, env_id, kwargs, seeds, name, threat,
+                attack_seed=prof.attacks.seed, num_envs=n_envs, noise=noise,
+            )  # fmt: skip
+            out[name] = np.asarray(got.stats.returns, dtype=float)
+            steps += int(got.steps)
+        return out, steps
 
     return run
