@@ -177,3 +177,30 @@ def test_export_metadata_restores_wrappers(tmp_path: Path) -> None:
     meta = onnx.load(tmp_path / "p.onnx").metadata_props
     props = {m.key: m.value for m in meta}
     assert json.loads(props["action_std"])["log_std"] == pytest.approx(p.log_std.tolist())
+
+
+def test_onnx_actor_runs_in_the_wrapped_env_its_policy_was_trained_behind(tmp_path: Path) -> None:
+    """The final check evaluates the exported graph itself: behind a time feature its input
+    has one more entry than the env's observation, so the rollout must wrap the env as it
+    does for the torch policy (it crashed on the first Walker2d level to pass), and the
+    returns under the verdict's observation noise are the torch policy's."""
+    from compressor.core.threat import ThreatModel
+    from compressor.deploy.onnx_actor import OnnxActor
+    from compressor.evaluate import evaluate
+    from compressor.rl.noise import ObservationNoise
+
+    wrap = [{"name": "TimeFeatureWrapper", "max_steps": 1000, "test_mode": False}]
+    p = make_policy("gaussian", obs_dim=4, act_dim=1, env_id="Pendulum-v1")
+    p.spec.env_wrappers = wrap
+    export_onnx(p, tmp_path / "p.onnx")
+    actor = OnnxActor(tmp_path / "p.onnx")
+    assert actor.env_wrappers == wrap
+    threat = ThreatModel(0.05)
+    noise = ObservationNoise(0.01, threat, tuple(threat.scale(p).tolist()))
+    seeds = [0, 1, 2]
+    got, _ = evaluate(actor, "Pendulum-v1", {}, seeds, num_envs=3, max_steps=50, noise=noise)
+    ref, _ = evaluate(p, "Pendulum-v1", {}, seeds, num_envs=3, max_steps=50, noise=noise)
+    np.testing.assert_allclose(got.stats.returns, ref.stats.returns, rtol=1e-5)
+    plain = make_policy("gaussian", obs_dim=3, act_dim=1, env_id="Pendulum-v1")
+    export_onnx(plain, tmp_path / "plain.onnx")
+    assert OnnxActor(tmp_path / "plain.onnx").env_wrappers == []

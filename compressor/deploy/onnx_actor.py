@@ -12,6 +12,7 @@ depends on the others in its call.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +67,18 @@ class OnnxActor:
         self.threads = threads
         self.batch_size: int | None = batch_size
         self.session = load_onnx_session(model, providers, threads=threads)
+
+    @property
+    def env_wrappers(self) -> list[dict[str, Any]]:
+        """The observation wrappers the exported policy expects its env to apply (the RL Zoo's
+        time feature...), from the graph's ``interface`` metadata (none: empty): rollouts wrap
+        the env in them, as they do for the torch policy it was exported from."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            wrappers = json.loads(meta.get("interface", "{}")).get("input_wrappers", [])
+        except (json.JSONDecodeError, AttributeError):
+            return []
+        return list(wrappers) if isinstance(wrappers, list) else []
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Deterministic actions for a batch of raw observations.

@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -121,6 +121,17 @@ class _Slots:
         return nxt, rew, term, trunc
 
 
+def actor_wrappers(policy: Actor) -> list[dict[str, Any]] | None:
+    """The env wrappers ``policy`` was trained behind: a torch policy's ``spec.env_wrappers``,
+    an ONNX actor's from its graph's metadata (``env_wrappers``); a RandomActor has none (it
+    reads no observation)."""
+    spec = getattr(policy, "spec", None)
+    found = getattr(spec, "env_wrappers", None) if spec is not None else None
+    if found is None:
+        found = getattr(policy, "env_wrappers", None)
+    return list(found) if found else None
+
+
 def rollout(
     policy: Actor,
     env_id: str,
@@ -157,8 +168,7 @@ def rollout(
     if n_eps == 0:
         raise ValueError("rollout needs at least one seed")
     n = min(num_envs, n_eps)
-    # the wrappers the policy was trained behind (a RandomActor has none: it reads no obs)
-    wrappers = getattr(getattr(policy, "spec", None), "env_wrappers", None)
+    wrappers = actor_wrappers(policy)
     envs = make_vector_env(env_id, env_kwargs, n, wrappers)
     t0 = time.perf_counter()
     returns = np.zeros(n_eps)
