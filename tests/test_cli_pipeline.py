@@ -34,6 +34,28 @@ def test_inspect_json_describes_the_policy() -> None:
     d = json.loads(r.stdout)
     assert d["head"] == "categorical" and d["env_id"] == "CartPole-v1"
     assert d["layer_sizes"] == [4, 64, 64, 2]
+    assert d["layer_sparsity"] == [0.0, 0.0, 0.0]
+
+
+def test_inspect_shows_how_a_global_threshold_spread_its_cuts(tmp_path: Path) -> None:
+    """``layer_sparsity``: per layer, the fraction of zero weights (a global threshold need
+    not cut each layer alike; per-layer scope does)."""
+    from compressor.policy.native import save_policy
+    from compressor.prune.criteria import prune
+
+    dense = load_native(CARTPOLE)
+    for scope in ("global", "layer"):
+        pol = prune(dense, 0.5, scope=scope)
+        save_policy(pol, tmp_path / f"{scope}.pt")
+        d = json.loads(compress("inspect", str(tmp_path / f"{scope}.pt"), "--json").stdout)
+        sizes = [w.numel() for w in pol.effective_weights()]
+        spread = d["layer_sparsity"]
+        assert len(spread) == 3
+        # the layers' zeros add up to the whole policy's sparsity
+        total = sum(f * n for f, n in zip(spread, sizes)) / sum(sizes)
+        assert total == pytest.approx(d["sparsity"], abs=1e-3)
+        if scope == "layer":
+            assert spread == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
 
 
 def test_evaluate_json() -> None:

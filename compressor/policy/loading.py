@@ -327,6 +327,7 @@ def describe(loaded: LoadedPolicy) -> dict[str, Any]:
         "parameters": policy.num_parameters(),
         "nonzero_parameters": policy.num_parameters(nonzero_only=True),
         "sparsity": round(policy.sparsity(), 6),
+        "layer_sparsity": [round(v, 4) for v in policy.layer_sparsity()],
         "critic": None
         if loaded.critic is None
         else {"hidden": list(loaded.critic.hidden), "activation": loaded.critic.activation},

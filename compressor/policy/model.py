@@ -291,6 +291,12 @@ class Policy(nn.Module):
         zeros = sum(int((w == 0).sum()) for w in self.effective_weights())
         return zeros / max(total, 1)
 
+    def layer_sparsity(self) -> list[float]:
+        """Fraction of each Linear layer's weights that are zero, input layer first (how a
+        global threshold spread its cuts)."""
+        with torch.no_grad():
+            return [float((w == 0).float().mean()) for w in self.effective_weights()]
+
     def num_parameters(self, nonzero_only: bool = False) -> int:
         """Weights and biases of the deployed path (optionally only the non-zero ones)."""
         n = 0
