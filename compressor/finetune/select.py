@@ -15,7 +15,8 @@ checkpoint is also evaluated under those attacks on the same seeds, and the scor
 the best is the worse of the conditions' differences from the dense policy's
 (``min_c mean_c − dense_c``): the checkpoint closest to failing its tightest floor loses. A
 student that copies the teacher's clean return but falls more often under attack is not kept
-over one a little below on clean and level under attack (PPO Walker2d at 60%: docs/pruning.md).
+over one a little below on clean and level under attack. On few episodes of a policy that
+falls the scores are noisy (docs/pruning.md, "Checkpoint selection").
 
 The same evaluations drive two early stops:
 DAgger rounds end once ``dagger_patience`` rounds in a row did not improve the best return,
