@@ -102,22 +102,26 @@ class CheckpointSelector:
     env_steps: int = 0
     stopped: str = ""
     _best: dict[float, tuple[Checkpoint, dict[str, Any]]] = field(default_factory=dict)
+    _ref: dict[str, np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ref = _conditions(self.reference)  # condition -> the dense policy's returns
 
     @classmethod
     def for_dense(cls, evaluate: SelectFn, dense: Policy, **kw: Any) -> CheckpointSelector:
         """A selector whose reference is ``dense`` evaluated on the selection seeds."""
         ref, steps = evaluate(dense)
-        sel = cls(evaluate, _conditions(ref), **kw)
+        sel = cls(evaluate, ref, **kw)
         sel.env_steps += steps
         return sel
 
     @property
     def reference_mean(self) -> float:
         """The dense policy's mean clean return on the selection seeds."""
-        return float(np.mean(_conditions(self.reference)["clean"]))
+        return float(np.mean(self._ref["clean"]))
 
     def _fall_line(self) -> float | None:
-        med = float(np.median(_conditions(self.reference)["clean"]))
+        med = float(np.median(self._ref["clean"]))
         return self.fall_fraction * med if med > 0 else None
 
     def offer(self, policy: Policy, label: str) -> bool:
@@ -125,7 +129,7 @@ class CheckpointSelector:
         at its sparsity. Returns whether it has (ties keep the earlier, less trained one)."""
         got, steps = self.evaluate(policy)
         self.env_steps += steps
-        runs, ref = _conditions(got), _conditions(self.reference)
+        runs, ref = _conditions(got), self._ref
         line = self._fall_line()
         clean = runs["clean"]
         falls = 0 if line is None else int(np.sum(clean < line))
@@ -165,16 +169,15 @@ class CheckpointSelector:
 
     def summary(self, chosen: Checkpoint | None) -> dict[str, Any]:
         """What the selection did, for :class:`~compressor.finetune.common.FinetuneStats`."""
-        ref = _conditions(self.reference)
         out: dict[str, Any] = {
-            "episodes": len(ref["clean"]),
+            "episodes": len(self._ref["clean"]),
             "reference_mean": round(self.reference_mean, 3),
             "checkpoints": [c.to_dict() for c in self.history],
             "chosen": chosen.label if chosen else None,
             "stopped": self.stopped or None,
             "env_steps": self.env_steps,
         }
-        attacked = {c: round(float(np.mean(r)), 3) for c, r in ref.items() if c != "clean"}
+        attacked = {c: round(float(np.mean(r)), 3) for c, r in self._ref.items() if c != "clean"}
         if attacked:
             out["reference_attacked"] = attacked
         return out
