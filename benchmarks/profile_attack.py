@@ -185,21 +185,20 @@ def summarise(raw: Path) -> None:
         print(f"{inside[fn] / total:6.1%}  {label}")
 
 
+def _evaluation_args(p: argparse.ArgumentParser, episodes: int) -> None:
+    """The arguments of an attacked evaluation (``run`` and ``account``)."""
+    p.add_argument("--policy", default=str(REPO / "profiles" / "hopper.pt"))
+    p.add_argument("--env", default="Hopper-v5")
+    p.add_argument("--eps", type=float, default=0.075)
+    p.add_argument("--envs", type=int, default=16)
+    p.add_argument("--episodes", type=int, default=episodes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--policy", default=str(REPO / "profiles" / "hopper.pt"))
-    r.add_argument("--env", default="Hopper-v5")
-    r.add_argument("--eps", type=float, default=0.075)
-    r.add_argument("--envs", type=int, default=16)
-    r.add_argument("--episodes", type=int, default=32)
-    a = sub.add_parser("account")
-    a.add_argument("--policy", default=str(REPO / "profiles" / "hopper.pt"))
-    a.add_argument("--env", default="Hopper-v5")
-    a.add_argument("--eps", type=float, default=0.075)
-    a.add_argument("--envs", type=int, default=16)
-    a.add_argument("--episodes", type=int, default=64)
+    for name, episodes in (("run", 32), ("account", 64)):
+        _evaluation_args(sub.add_parser(name), episodes)
     s = sub.add_parser("summarise")
     s.add_argument("raw", type=Path)
     args = ap.parse_args()
